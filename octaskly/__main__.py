@@ -1,0 +1,3 @@
+from octaskly.cli import main
+
+raise SystemExit(main.main())
