@@ -116,8 +116,7 @@ class Store(Protocol):
     async def get_tasks(self, task_ids: Sequence[str]) -> list[models.Task]:
         """The tasks that exist among `task_ids`, in any order."""
 
-    async def find_by_idempotency_key(self, owner: str | None, key: str) -> models.Task | None:
-        ...
+    async def find_by_idempotency_key(self, owner: str | None, key: str) -> models.Task | None: ...
 
     async def list_tasks(
         self,

@@ -1,0 +1,44 @@
+# octaskly — developer entry points. `make dev` runs a local cluster; `make test` is the
+# whole suite (CI runs exactly it).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: dev venv test lint typecheck unit pyz clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## dev: create the venv, install, and run a dispatcher + 2 workers (API on 127.0.0.1:3000)
+dev: $(STAMP)
+	$(BIN)/octaskly dev --workers 2
+
+## lint: ruff (lint + format check), mypy --strict, import-linter layer contracts
+lint: $(STAMP)
+	$(BIN)/ruff check octaskly tests
+	$(BIN)/ruff format --check octaskly tests
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+## test: lint, then the whole test suite in parallel
+test: lint
+	$(BIN)/pytest -n 4 --durations=15
+
+unit: $(STAMP)
+	$(BIN)/pytest -q tests/unit
+
+## pyz: the single-file zipapp dist/octaskly.pyz (shiv, reproducible)
+pyz: $(STAMP)
+	mkdir -p dist
+	$(BIN)/shiv --reproducible --compressed -c octaskly -o dist/octaskly.pyz \
+		-p '/usr/bin/env python3' .
+	@echo "built dist/octaskly.pyz ($$(du -h dist/octaskly.pyz | cut -f1))"
+
+clean:
+	rm -rf dist build *.egg-info .mypy_cache .ruff_cache .pytest_cache

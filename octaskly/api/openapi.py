@@ -1,0 +1,300 @@
+"""The OpenAPI 3.1 document of the REST API; request schemas come from the pydantic models
+so the document cannot drift from what the API accepts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from octaskly import __version__
+from octaskly.domain import models
+
+_STATUSES = [s.value for s in models.TaskStatus]
+_TS = {"type": ["string", "null"], "format": "date-time"}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json_content(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}
+
+
+def _resp(description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"description": description}
+    if schema is not None:
+        out["content"] = _json_content(schema)
+    return out
+
+
+_ERRORS = {
+    "400": _resp("invalid input; `field` names it", _ref("Error")),
+    "401": _resp("missing or invalid credentials", _ref("Error")),
+    "403": _resp("the caller's role may not do this", _ref("Error")),
+}
+
+
+def _task_id_param() -> dict[str, Any]:
+    return {
+        "name": "task_id",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "format": "uuid"},
+    }
+
+
+def _schemas() -> dict[str, Any]:
+    spec_schema = models.TaskSpec.model_json_schema(ref_template="#/components/schemas/{model}")
+    defs = spec_schema.pop("$defs", {})
+    summary_props: dict[str, Any] = {
+        "id": {"type": "string"},
+        "command": {"type": "string"},
+        "status": {"type": "string", "enum": _STATUSES},
+        "priority": {"type": "string", "enum": ["low", "normal", "high", "critical"]},
+        "worker_id": {"type": ["string", "null"]},
+        "exit_code": {"type": ["integer", "null"]},
+        "duration_ms": {"type": ["integer", "null"]},
+        "attempts": {"type": "integer"},
+        "created_at": {"type": "string", "format": "date-time"},
+        "started_at": _TS,
+        "completed_at": _TS,
+    }
+    record_props = dict(summary_props)
+    record_props.update(
+        {
+            "stdout": {"type": "string"},
+            "stderr": {"type": "string"},
+            "stdout_dropped_bytes": {"type": "integer"},
+            "stderr_dropped_bytes": {"type": "integer"},
+            "error": {"type": ["string", "null"]},
+            "timeout": {"type": "integer"},
+            "waiting_reason": {"type": ["string", "null"]},
+        }
+    )
+    return {
+        **defs,
+        "TaskSpec": spec_schema,
+        "TaskSummary": {
+            "type": "object",
+            "properties": summary_props,
+            "required": list(summary_props),
+        },
+        "Task": {"type": "object", "properties": record_props, "required": list(record_props)},
+        "Error": {
+            "type": "object",
+            "required": ["error", "status", "timestamp"],
+            "properties": {
+                "error": {"type": "string"},
+                "status": {"type": "integer"},
+                "timestamp": {"type": "string", "format": "date-time"},
+                "field": {"type": "string"},
+            },
+        },
+    }
+
+
+def _task_paths() -> dict[str, Any]:
+    idem = {
+        "name": "Idempotency-Key",
+        "in": "header",
+        "required": False,
+        "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+    }
+    created = _resp(
+        "queued durably",
+        {
+            "type": "object",
+            "required": ["id", "status"],
+            "properties": {"id": {"type": "string"}, "status": {"type": "string"}},
+        },
+    )
+    full = _resp("queue full or database unavailable; see Retry-After", _ref("Error"))
+    return {
+        "/api/v1/tasks": {
+            "post": {
+                "summary": "Submit a task",
+                "parameters": [idem],
+                "requestBody": {"required": True, "content": _json_content(_ref("TaskSpec"))},
+                "responses": {"201": created, "503": full, **_ERRORS},
+            },
+            "get": {
+                "summary": "List tasks, newest first",
+                "parameters": [
+                    {
+                        "name": "status",
+                        "in": "query",
+                        "schema": {"type": "string", "enum": _STATUSES},
+                    },
+                    {"name": "worker_id", "in": "query", "schema": {"type": "string"}},
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {
+                            "type": "integer",
+                            "minimum": 1,
+                            "maximum": 1000,
+                            "default": 100,
+                        },
+                    },
+                    {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+                ],
+                "responses": {
+                    "200": _resp(
+                        "a page of tasks",
+                        {
+                            "type": "object",
+                            "required": ["tasks", "total", "returned", "limit", "offset"],
+                            "properties": {
+                                "tasks": {"type": "array", "items": _ref("TaskSummary")},
+                                "total": {"type": "integer"},
+                                "returned": {"type": "integer"},
+                                "limit": {"type": "integer"},
+                                "offset": {"type": "integer"},
+                            },
+                        },
+                    ),
+                    **_ERRORS,
+                },
+            },
+        },
+        "/api/v1/tasks/batch": {
+            "post": {
+                "summary": "Submit many tasks, all or nothing",
+                "parameters": [idem],
+                "requestBody": {
+                    "required": True,
+                    "content": _json_content(
+                        {
+                            "type": "object",
+                            "required": ["tasks"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "tasks": {
+                                    "type": "array",
+                                    "minItems": 1,
+                                    "maxItems": 10000,
+                                    "items": _ref("TaskSpec"),
+                                }
+                            },
+                        }
+                    ),
+                },
+                "responses": {
+                    "201": _resp(
+                        "all queued durably",
+                        {
+                            "type": "object",
+                            "required": ["ids"],
+                            "properties": {"ids": {"type": "array", "items": {"type": "string"}}},
+                        },
+                    ),
+                    "503": full,
+                    **_ERRORS,
+                },
+            }
+        },
+        "/api/v1/tasks/{task_id}": {
+            "parameters": [_task_id_param()],
+            "get": {
+                "summary": "A task's full record",
+                "responses": {
+                    "200": _resp("the task", _ref("Task")),
+                    "404": _resp("no such task", _ref("Error")),
+                    **_ERRORS,
+                },
+            },
+            "delete": {
+                "summary": "Cancel a queued or running task",
+                "responses": {
+                    "200": _resp(
+                        "cancelled",
+                        {
+                            "type": "object",
+                            "properties": {
+                                "id": {"type": "string"},
+                                "status": {"type": "string"},
+                                "message": {"type": "string"},
+                            },
+                        },
+                    ),
+                    "404": _resp("no such task", _ref("Error")),
+                    "409": _resp("already finished", _ref("Error")),
+                    **_ERRORS,
+                },
+            },
+        },
+        "/api/v1/tasks/{task_id}/logs": {
+            "get": {
+                "summary": "stdout and stderr; with follow=true an NDJSON stream until the task ends",
+                "parameters": [
+                    _task_id_param(),
+                    {"name": "follow", "in": "query", "schema": {"type": "boolean"}},
+                ],
+                "responses": {
+                    "200": {
+                        "description": "the output",
+                        "content": {
+                            "application/json": {"schema": {"type": "object"}},
+                            "application/x-ndjson": {"schema": {"type": "string"}},
+                        },
+                    },
+                    "404": _resp("no such task", _ref("Error")),
+                    **_ERRORS,
+                },
+            }
+        },
+    }
+
+
+def document() -> dict[str, Any]:
+    obj = {"type": "object"}
+    paths = _task_paths()
+    paths.update(
+        {
+            "/api/v1/workers": {
+                "get": {
+                    "summary": "Connected workers",
+                    "responses": {"200": _resp("workers", obj), **_ERRORS},
+                }
+            },
+            "/api/v1/stats": {
+                "get": {
+                    "summary": "Cluster statistics",
+                    "responses": {"200": _resp("statistics", obj), **_ERRORS},
+                }
+            },
+            "/api/v1/openapi.json": {
+                "get": {"summary": "This document", "responses": {"200": _resp("OpenAPI 3.1", obj)}}
+            },
+            "/health": {
+                "get": {
+                    "summary": "Liveness",
+                    "security": [],
+                    "responses": {"200": _resp("healthy", obj), "503": _resp("unhealthy", obj)},
+                }
+            },
+            "/ready": {
+                "get": {
+                    "summary": "200 only on the node that accepts writes",
+                    "security": [],
+                    "responses": {"200": _resp("ready", obj), "503": _resp("not ready", obj)},
+                }
+            },
+        }
+    )
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "octaskly",
+            "version": __version__,
+            "description": "Distributed task runner REST API",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": _schemas(),
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
+            },
+        },
+        "security": [{"bearer": []}],
+    }

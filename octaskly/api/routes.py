@@ -1,0 +1,298 @@
+"""REST handlers: parse and check the request, call the dispatcher, render the answer."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import pydantic
+from aiohttp import web
+
+from octaskly.api import middleware
+from octaskly.api.middleware import HTTPProblem, rfc3339
+from octaskly.domain import models
+from octaskly.services.dispatcher import Dispatcher
+
+DISPATCHER_KEY: web.AppKey[Dispatcher] = web.AppKey("dispatcher", Dispatcher)
+MAX_BATCH = 10_000
+_TASK_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+_spec_adapter = pydantic.TypeAdapter(models.TaskSpec)
+
+
+def _dispatcher(request: web.Request) -> Dispatcher:
+    return request.app[DISPATCHER_KEY]
+
+
+def _owner(request: web.Request) -> str | None:
+    return request[middleware.PRINCIPAL_KEY].owner
+
+
+def _json(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.json_response(data, status=status, headers=headers)
+
+
+# -- input ----------------------------------------------------------------------------------
+async def _body(request: web.Request) -> Any:
+    raw = await request.read()
+    if not raw:
+        raise HTTPProblem(400, "request body is empty; send a JSON object")
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise HTTPProblem(400, f"request body is not valid JSON: {exc}") from None
+
+
+def _spec(raw: Any, where: str = "") -> models.TaskSpec:
+    if not isinstance(raw, dict):
+        raise HTTPProblem(400, f"{where or 'body'}: expected a JSON object", field=where or None)
+    try:
+        return _spec_adapter.validate_python(raw)
+    except pydantic.ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        field = f"{where}.{field}" if where else field
+        message = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "extra_forbidden":
+            message = "unknown field"
+        raise HTTPProblem(400, f"{field}: {message}", field=field) from None
+
+
+def _check_query(request: web.Request, allowed: set[str]) -> None:
+    for name in request.query:
+        if name not in allowed:
+            raise HTTPProblem(400, f"unknown query parameter {name!r}", field=name)
+
+
+def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise HTTPProblem(400, f"{name}: expected an integer, got {raw!r}", field=name) from None
+    if not low <= value <= high:
+        raise HTTPProblem(400, f"{name}: must be between {low} and {high}", field=name)
+    return value
+
+
+def _bool_param(request: web.Request, name: str) -> bool:
+    raw = request.query.get(name, "false").lower()
+    if raw not in ("true", "false", "1", "0"):
+        raise HTTPProblem(400, f"{name}: expected true or false", field=name)
+    return raw in ("true", "1")
+
+
+def _task_id(request: web.Request) -> str:
+    task_id = request.match_info["task_id"]
+    if not _TASK_ID.match(task_id):
+        raise HTTPProblem(400, f"{task_id[:80]!r} is not a valid task id", field="id")
+    return task_id
+
+
+def _idempotency_key(request: web.Request) -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= 255 or not key.isprintable():
+        raise HTTPProblem(
+            400, "Idempotency-Key must be 1-255 printable characters", field="Idempotency-Key"
+        )
+    return key
+
+
+# -- output ----------------------------------------------------------------------------------
+def task_summary(task: models.Task) -> dict[str, Any]:
+    return {
+        "id": task.id,
+        "command": task.command,
+        "status": task.status.value,
+        "priority": task.priority.label,
+        "worker_id": task.worker_id,
+        "exit_code": task.exit_code,
+        "duration_ms": task.duration_ms,
+        "attempts": task.attempts,
+        "created_at": rfc3339(task.created_at),
+        "started_at": rfc3339(task.started_at) if task.started_at else None,
+        "completed_at": rfc3339(task.completed_at) if task.completed_at else None,
+    }
+
+
+def task_record(task: models.Task, waiting_reason: str | None = None) -> dict[str, Any]:
+    spec = task.spec
+    record = task_summary(task)
+    record.update(
+        stdout=task.stdout,
+        stderr=task.stderr,
+        stdout_dropped_bytes=task.stdout_dropped,
+        stderr_dropped_bytes=task.stderr_dropped,
+        error=task.error,
+        timeout=task.timeout,
+        retry_count=spec.retry_count,
+        memory_limit_mb=spec.memory_limit_mb,
+        cpu_seconds=spec.cpu_seconds,
+        disk_limit_mb=spec.disk_limit_mb,
+        sandbox_level=spec.sandbox_level.value if spec.sandbox_level else None,
+        env=spec.env,
+        inputs=spec.inputs,
+        outputs=spec.outputs,
+        requirements=spec.requirements.model_dump(),
+        owner=task.owner,
+        retry_at=rfc3339(task.not_before) if task.not_before else None,
+        waiting_reason=waiting_reason,
+    )
+    return record
+
+
+# -- handlers ---------------------------------------------------------------------------------
+async def submit(request: web.Request) -> web.Response:
+    _check_query(request, set())
+    spec = _spec(await _body(request))
+    tasks, created = await _dispatcher(request).submit(
+        [spec],
+        owner=_owner(request),
+        idempotency_key=_idempotency_key(request),
+        request_id=request[middleware.REQUEST_ID_KEY],
+    )
+    task = tasks[0]
+    body = {
+        "id": task.id,
+        "command": task.command,
+        "status": task.status.value,
+        "priority": task.priority.label,
+        "created_at": rfc3339(task.created_at),
+    }
+    return _json(body, 201, {"Idempotent-Replayed": "false" if created else "true"})
+
+
+async def submit_batch(request: web.Request) -> web.Response:
+    _check_query(request, set())
+    raw = await _body(request)
+    if not isinstance(raw, dict) or set(raw) != {"tasks"} or not isinstance(raw["tasks"], list):
+        raise HTTPProblem(400, 'tasks: expected {"tasks": [...]} and nothing else', field="tasks")
+    items = raw["tasks"]
+    if not 1 <= len(items) <= MAX_BATCH:
+        raise HTTPProblem(400, f"tasks: a batch holds 1 to {MAX_BATCH} tasks", field="tasks")
+    specs = [_spec(item, f"tasks[{i}]") for i, item in enumerate(items)]
+    tasks, created = await _dispatcher(request).submit(
+        specs,
+        owner=_owner(request),
+        idempotency_key=_idempotency_key(request),
+        request_id=request[middleware.REQUEST_ID_KEY],
+    )
+    return _json(
+        {"ids": [t.id for t in tasks]}, 201, {"Idempotent-Replayed": "false" if created else "true"}
+    )
+
+
+async def list_tasks(request: web.Request) -> web.Response:
+    _check_query(request, {"status", "worker_id", "limit", "offset"})
+    status_raw = request.query.get("status")
+    status = None
+    if status_raw is not None:
+        try:
+            status = models.TaskStatus(status_raw)
+        except ValueError:
+            names = ", ".join(s.value for s in models.TaskStatus)
+            raise HTTPProblem(400, f"status: must be one of {names}", field="status") from None
+    worker_id = request.query.get("worker_id")
+    if worker_id is not None and not 1 <= len(worker_id) <= 128:
+        raise HTTPProblem(400, "worker_id: must be 1-128 characters", field="worker_id")
+    limit = _int_param(request, "limit", 100, 1, 1000)
+    offset = _int_param(request, "offset", 0, 0, 1 << 62)
+    page = await _dispatcher(request).list(
+        status=status, worker_id=worker_id, owner=_owner(request), limit=limit, offset=offset
+    )
+    return _json(
+        {
+            "tasks": [task_summary(t) for t in page.tasks],
+            "total": page.total,
+            "returned": len(page.tasks),
+            "limit": limit,
+            "offset": offset,
+        }
+    )
+
+
+async def get_task(request: web.Request) -> web.Response:
+    _check_query(request, set())
+    dispatcher = _dispatcher(request)
+    task = await dispatcher.get(_task_id(request), owner=_owner(request))
+    return _json(task_record(task, dispatcher.waiting_reason(task)))
+
+
+async def cancel_task(request: web.Request) -> web.Response:
+    _check_query(request, set())
+    task = await _dispatcher(request).cancel(_task_id(request), owner=_owner(request))
+    return _json(
+        {
+            "id": task.id,
+            "status": task.status.value,
+            "message": "task cancelled" + (" (its process was killed)" if task.started_at else ""),
+        }
+    )
+
+
+async def task_logs(request: web.Request) -> web.StreamResponse:
+    _check_query(request, {"follow"})
+    dispatcher = _dispatcher(request)
+    task_id, owner = _task_id(request), _owner(request)
+    if not _bool_param(request, "follow"):
+        task = await dispatcher.get(task_id, owner=owner)
+        return _json(
+            {
+                "id": task.id,
+                "status": task.status.value,
+                "stdout": task.stdout,
+                "stderr": task.stderr,
+                "stdout_dropped_bytes": task.stdout_dropped,
+                "stderr_dropped_bytes": task.stderr_dropped,
+            }
+        )
+    await dispatcher.get(task_id, owner=owner)  # 404 before the stream starts
+    response = web.StreamResponse(headers=middleware.stream_headers(request))
+    response.content_type = "application/x-ndjson"
+    await response.prepare(request)
+    async for event in dispatcher.follow(task_id, owner=owner):
+        await response.write(json.dumps(event).encode() + b"\n")
+    await response.write_eof()
+    return response
+
+
+async def workers(request: web.Request) -> web.Response:
+    _check_query(request, set())
+    views = _dispatcher(request).peers.views()
+    for view in views:
+        view["connected_at"] = rfc3339(view["connected_at"])
+        view["last_heartbeat"] = rfc3339(view["last_heartbeat"])
+    return _json({"workers": views, "total": len(views)})
+
+
+async def stats(request: web.Request) -> web.Response:
+    _check_query(request, set())
+    return _json(await _dispatcher(request).stats())
+
+
+async def health(request: web.Request) -> web.Response:
+    dispatcher = _dispatcher(request)
+    try:
+        await dispatcher.store.check()
+    except Exception as exc:
+        return _json({"status": "unhealthy", "message": str(exc)}, 503)
+    if dispatcher.failure is not None:
+        return _json({"status": "unhealthy", "message": repr(dispatcher.failure)}, 503)
+    return _json(dispatcher.health())
+
+
+async def ready(request: web.Request) -> web.Response:
+    dispatcher = _dispatcher(request)
+    role = dispatcher.options.role
+    try:
+        await dispatcher.store.check()
+    except Exception as exc:
+        return _json({"ready": False, "role": role, "message": str(exc)}, 503)
+    if role != "primary":
+        return _json({"ready": False, "role": role, "message": "not the primary"}, 503)
+    return _json({"ready": True, "role": role})

@@ -1,0 +1,237 @@
+"""The `octaskly` command line. Exit codes: 0 ok, 1 runtime failure, 2 usage/config error."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from octaskly import __version__, errors
+from octaskly.cli import logsetup
+from octaskly.config import loading, settings as config_settings, template
+
+log = logging.getLogger("octaskly")
+
+COMMON_KEYS = ["log_level", "log_format"]
+DISPATCHER_KEYS = [
+    "port",
+    "api_port",
+    "bind_address",
+    "db_path",
+    "db_url",
+    "data_dir",
+    "secret_key",
+    "secret_key_file",
+    "require_auth",
+    "whitelist",
+    "role",
+    "primary_addr",
+    "replication",
+    "quic_enabled",
+    "task_queue_size",
+    "keepalive_interval",
+    "connection_timeout",
+    "default_timeout",
+    "sqlite_synchronous",
+    "tls_cert",
+    "tls_key",
+    *COMMON_KEYS,
+]
+WORKER_KEYS = [
+    "dispatcher_addr",
+    "name",
+    "cpu_cores",
+    "memory",
+    "gpu",
+    "max_jobs",
+    "labels",
+    "sandbox_level",
+    "transport",
+    "secret_key",
+    "secret_key_file",
+    "data_dir",
+    "output_limit_kb",
+    "connection_timeout",
+    *COMMON_KEYS,
+]
+CLIENT_KEYS = ["api_url", "token", *COMMON_KEYS]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that exits 2 with a one-line reason (its default, kept explicit)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(2, f"octaskly: error: {message}\n")
+
+
+def _with_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML configuration file (env OCTASKLY_CONFIG; else ./octaskly.toml, "
+        "~/.octaskly/octaskly.toml, /etc/octaskly/octaskly.toml)",
+    )
+
+
+def _client_parsers(sub: argparse._SubParsersAction[_Parser]) -> None:
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _with_config(p)
+        loading.add_flags(p, CLIENT_KEYS)
+        p.set_defaults(kind="client", command_name=name)
+        return p
+
+    p = add("submit", "Queue a shell command as a task")
+    p.add_argument("--timeout", type=int, help="seconds before the task is killed (1-86400)")
+    p.add_argument("--priority", choices=["low", "normal", "high", "critical"])
+    p.add_argument("--retries", type=int, help="retries after failure (0-10)")
+    p.add_argument("--env", action="append", metavar="KEY=VALUE", help="task environment")
+    p.add_argument("--memory-limit-mb", type=int, dest="memory_limit_mb")
+    p.add_argument("--cpu-seconds", type=int, dest="cpu_seconds")
+    p.add_argument("--disk-limit-mb", type=int, dest="disk_limit_mb")
+    p.add_argument("--sandbox-level", choices=["none", "basic", "strict", "very-strict"])
+    p.add_argument("--cpu-cores", type=float, help="required CPU cores on the worker")
+    p.add_argument("--memory-mb", type=int, help="required memory (MB) on the worker")
+    p.add_argument("--gpu", action="store_true", help="require a worker with a GPU")
+    p.add_argument(
+        "--require-label", action="append", metavar="KEY=VALUE", help="require a worker label"
+    )
+    p.add_argument("--idempotency-key", help="repeat-safe submit: same key, same task")
+    p.add_argument("--wait", action="store_true", help="wait, then print the task's output")
+    p.add_argument("--follow", action="store_true", help="stream the output while it runs")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARG...]")
+    for name, text in (("status", "Show a task"), ("cancel", "Cancel a queued or running task")):
+        p = add(name, text)
+        p.add_argument("task_id")
+        p.add_argument("--json", action="store_true")
+    p = add("list", "List tasks, newest first")
+    p.add_argument(
+        "--status", choices=["queued", "running", "completed", "failed", "timed_out", "cancelled"]
+    )
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--offset", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p = add("logs", "Print a task's stdout and stderr")
+    p.add_argument("task_id")
+    p.add_argument("--follow", action="store_true", help="stream until the task ends")
+    p = add("workers", "List connected workers")
+    p.add_argument("--json", action="store_true")
+    add("stats", "Cluster statistics (JSON)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="octaskly", description="Distributed task runner with a durable queue.")
+    parser.add_argument("--version", action="version", version=f"octaskly {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("dispatcher", help="Run the dispatcher (queue, scheduler, REST API)")
+    _with_config(p)
+    loading.add_flags(p, DISPATCHER_KEYS)
+    p.set_defaults(kind="dispatcher")
+
+    p = sub.add_parser("worker", help="Run a worker that executes tasks")
+    _with_config(p)
+    loading.add_flags(p, WORKER_KEYS)
+    p.set_defaults(kind="worker")
+
+    p = sub.add_parser(
+        "dev",
+        help="Dispatcher + local workers in one process tree "
+        "(data in ./.octaskly/, API on 127.0.0.1)",
+    )
+    p.add_argument("--workers", type=int, default=2, help="local workers to start (default 2)")
+    _with_config(p)
+    loading.add_flags(p, ["port", "api_port", "data_dir", *COMMON_KEYS])
+    p.set_defaults(kind="dev")
+
+    _client_parsers(sub)
+
+    p = sub.add_parser("config", help="Write, show or check configuration")
+    csub = p.add_subparsers(dest="config_command", metavar="ACTION", parser_class=_Parser)
+    csub.required = True
+    c = csub.add_parser("init", help="Write a commented default octaskly.toml")
+    c.add_argument("--output", default="octaskly.toml", help="file to write (- for stdout)")
+    c.add_argument("--force", action="store_true", help="overwrite an existing file")
+    c.set_defaults(kind="config-init")
+    c = csub.add_parser("show", help="Effective configuration and where each value came from")
+    _with_config(c)
+    loading.add_flags(c, [*DISPATCHER_KEYS, *[k for k in WORKER_KEYS if k not in DISPATCHER_KEYS]])
+    c.set_defaults(kind="config-show")
+    c = csub.add_parser("check", help="Validate a configuration file")
+    c.add_argument("file")
+    c.set_defaults(kind="config-check")
+    return parser
+
+
+def _load(args: argparse.Namespace, **overrides: object) -> loading.Loaded:
+    flags = loading.flags_from_namespace(args)
+    for key, value in overrides.items():
+        flags.setdefault(key, value)
+    loaded = loading.load(flags=flags, config_file=getattr(args, "config", None))
+    logsetup.configure(loaded.settings.logging.log_level, loaded.settings.logging.log_format)
+    for warning in loaded.warnings:
+        log.warning("%s", warning)
+    return loaded
+
+
+def _config_command(args: argparse.Namespace) -> int:
+    if args.kind == "config-init":
+        text = template.render_default_toml()
+        if args.output == "-":
+            sys.stdout.write(text)
+            return 0
+        out = Path(args.output)
+        if out.exists() and not args.force:
+            raise errors.ConfigError(f"{out} exists; pass --force to overwrite it")
+        out.write_text(text)
+        print(f"wrote {out}", file=sys.stderr)
+        return 0
+    if args.kind == "config-check":
+        loading.check_file(Path(args.file))
+        print(f"{args.file}: OK")
+        return 0
+    sys.stdout.write(template.render_effective(_load(args)))
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from octaskly.cli import remote, serving
+
+    if args.kind.startswith("config-"):
+        return _config_command(args)
+    if args.kind == "client":
+        settings = _load(args).settings
+        return remote.run(
+            args,
+            api_url=settings.api.api_url,
+            token=settings.api.token.get_secret_value() if settings.api.token else None,
+        )
+    if args.kind == "dev":
+        if args.workers < 0 or args.workers > 64:
+            raise errors.ConfigError("--workers must be between 0 and 64")
+        settings = _load(args, data_dir=".octaskly", bind_address="127.0.0.1").settings
+        return asyncio.run(serving.run_dev(settings, args.workers))
+    settings = _load(args).settings
+    if args.kind == "dispatcher":
+        return asyncio.run(serving.run_dispatcher(settings))
+    return asyncio.run(serving.run_worker(settings))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except errors.ConfigError as exc:
+        print(f"octaskly: {exc}", file=sys.stderr)
+        return 2
+    except errors.OctasklyError as exc:
+        print(f"octaskly: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

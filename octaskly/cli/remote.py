@@ -1,0 +1,229 @@
+"""Client commands: submit, status, list, cancel, logs, workers, stats."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from typing import Any, TextIO
+
+from octaskly import errors
+from octaskly.cli.client import APIError, Client
+
+
+def _print_json(data: Any, out: TextIO = sys.stdout) -> None:
+    json.dump(data, out, indent=2)
+    out.write("\n")
+
+
+def _table(rows: list[list[str]], headers: list[str]) -> str:
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def _short(text: str | None, width: int = 40) -> str:
+    text = (text or "").replace("\n", " ")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _command(words: list[str]) -> str:
+    if words and words[0] == "--":
+        words = words[1:]
+    if not words:
+        raise errors.ConfigError("no command given: octaskly submit -- COMMAND [ARG...]")
+    return words[0] if len(words) == 1 else shlex.join(words)
+
+
+def _key_values(items: list[str] | None, what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise errors.ConfigError(f"{what} {item!r}: expected KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def submit(client: Client, args: argparse.Namespace) -> int:
+    spec: dict[str, Any] = {"command": _command(args.command)}
+    for name in (
+        "timeout",
+        "priority",
+        "memory_limit_mb",
+        "cpu_seconds",
+        "disk_limit_mb",
+        "sandbox_level",
+    ):
+        if getattr(args, name, None) is not None:
+            spec[name] = getattr(args, name)
+    if args.retries is not None:
+        spec["retry_count"] = args.retries
+    if args.env:
+        spec["env"] = _key_values(args.env, "--env")
+    requirements: dict[str, Any] = {}
+    if args.cpu_cores is not None:
+        requirements["cpu_cores"] = args.cpu_cores
+    if args.memory_mb is not None:
+        requirements["memory_mb"] = args.memory_mb
+    if args.gpu:
+        requirements["gpu"] = True
+    if args.require_label:
+        requirements["labels"] = _key_values(args.require_label, "--require-label")
+    if requirements:
+        spec["requirements"] = requirements
+    headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else None
+    task = client.call("POST", "/api/v1/tasks", spec, headers)
+    if not (args.wait or args.follow):
+        print(task["id"])
+        return 0
+    print(f"queued {task['id']}", file=sys.stderr)
+    return _await_task(client, task["id"], live=args.follow)
+
+
+def _await_task(client: Client, task_id: str, *, live: bool) -> int:
+    end: dict[str, Any] = {}
+    for event in client.stream(f"/api/v1/tasks/{task_id}/logs?follow=true"):
+        if "stream" in event and live:
+            out = sys.stdout if event["stream"] == "stdout" else sys.stderr
+            out.write(event["data"])
+            out.flush()
+        elif event.get("event") == "end":
+            end = event
+    if not live:
+        task = client.call("GET", f"/api/v1/tasks/{task_id}")
+        sys.stdout.write(task["stdout"])
+        sys.stderr.write(task["stderr"])
+    status = end.get("status", "unknown")
+    if status == "completed":
+        return 0
+    detail = end.get("error") or f"exit code {end.get('exit_code')}"
+    print(f"task {task_id} {status}: {detail}", file=sys.stderr)
+    return 1
+
+
+def status(client: Client, args: argparse.Namespace) -> int:
+    task = client.call("GET", f"/api/v1/tasks/{args.task_id}")
+    if args.json:
+        _print_json(task)
+        return 0
+    fields = [
+        "id",
+        "status",
+        "priority",
+        "command",
+        "worker_id",
+        "attempts",
+        "exit_code",
+        "duration_ms",
+        "created_at",
+        "started_at",
+        "completed_at",
+        "error",
+        "waiting_reason",
+        "retry_at",
+    ]
+    for name in fields:
+        if task.get(name) is not None:
+            print(f"{name + ':':<15} {task[name]}")
+    return 0
+
+
+def list_tasks(client: Client, args: argparse.Namespace) -> int:
+    query = f"?limit={args.limit}&offset={args.offset}"
+    if args.status:
+        query += f"&status={args.status}"
+    page = client.call("GET", f"/api/v1/tasks{query}")
+    if args.json:
+        _print_json(page)
+        return 0
+    rows = [
+        [
+            t["id"],
+            t["status"],
+            t["priority"],
+            t["worker_id"] or "-",
+            str(t["exit_code"]) if t["exit_code"] is not None else "-",
+            _short(t["command"]),
+        ]
+        for t in page["tasks"]
+    ]
+    print(_table(rows, ["ID", "STATUS", "PRIORITY", "WORKER", "EXIT", "COMMAND"]))
+    print(f"({page['returned']} of {page['total']})", file=sys.stderr)
+    return 0
+
+
+def cancel(client: Client, args: argparse.Namespace) -> int:
+    result = client.call("DELETE", f"/api/v1/tasks/{args.task_id}")
+    print(f"{result['id']} {result['status']}: {result['message']}")
+    return 0
+
+
+def logs(client: Client, args: argparse.Namespace) -> int:
+    if args.follow:
+        for event in client.stream(f"/api/v1/tasks/{args.task_id}/logs?follow=true"):
+            if "stream" in event:
+                out = sys.stdout if event["stream"] == "stdout" else sys.stderr
+                out.write(event["data"])
+                out.flush()
+        return 0
+    data = client.call("GET", f"/api/v1/tasks/{args.task_id}/logs")
+    sys.stdout.write(data["stdout"])
+    sys.stderr.write(data["stderr"])
+    for stream in ("stdout", "stderr"):
+        if data[f"{stream}_dropped_bytes"]:
+            print(
+                f"[{data[f'{stream}_dropped_bytes']} earlier bytes of {stream} were dropped]",
+                file=sys.stderr,
+            )
+    return 0
+
+
+def workers(client: Client, args: argparse.Namespace) -> int:
+    data = client.call("GET", "/api/v1/workers")
+    if args.json:
+        _print_json(data)
+        return 0
+    rows = [
+        [
+            w["id"],
+            w["state"],
+            f"{w['current_jobs']}/{w['max_jobs']}",
+            f"{w['resources']['cpu_cores']:g}",
+            str(w["resources"]["memory_mb"]),
+            w["address"],
+            w["last_heartbeat"],
+        ]
+        for w in data["workers"]
+    ]
+    print(_table(rows, ["NAME", "STATE", "JOBS", "CPUS", "MEMORY_MB", "ADDRESS", "LAST_HEARTBEAT"]))
+    return 0
+
+
+def stats(client: Client, args: argparse.Namespace) -> int:
+    _print_json(client.call("GET", "/api/v1/stats"))
+    return 0
+
+
+COMMANDS = {
+    "submit": submit,
+    "status": status,
+    "list": list_tasks,
+    "cancel": cancel,
+    "logs": logs,
+    "workers": workers,
+    "stats": stats,
+}
+
+
+def run(args: argparse.Namespace, *, api_url: str, token: str | None) -> int:
+    client = Client(api_url, token=token)
+    try:
+        return COMMANDS[args.command_name](client, args)
+    except APIError as exc:
+        print(f"error: {exc} (HTTP {exc.status})", file=sys.stderr)
+        return 2 if exc.status == 400 else 1

@@ -1,0 +1,270 @@
+"""Long-running commands: dispatcher, worker and dev (dispatcher + local workers)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import psutil
+from aiohttp import web
+
+from octaskly import errors
+from octaskly.api import app as api_app
+from octaskly.config import settings as config_settings
+from octaskly.domain import models
+from octaskly.services import dispatcher as dispatching
+from octaskly.services import worker as working
+from octaskly.store import sqlite
+from octaskly.transport import tcp
+
+log = logging.getLogger("octaskly")
+SECRET_FILE = "secret.key"
+
+
+# -- secrets --------------------------------------------------------------------------------
+def ensure_secret(settings: config_settings.Settings, data_dir: Path) -> bytes:
+    """The configured secret key, else the one in the data dir, created 0600 if missing."""
+    key = settings.secret_bytes()
+    if key is not None:
+        return key
+    path = data_dir / SECRET_FILE
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_urlsafe(32) + "\n")
+        log.warning(
+            "no secret key configured: generated one in %s (workers need it: --secret-key-file %s)",
+            path,
+            path,
+        )
+    return path.read_text().strip().encode()
+
+
+def find_secret(settings: config_settings.Settings, data_dir: Path) -> bytes:
+    key = settings.secret_bytes()
+    if key is not None:
+        return key
+    path = data_dir / SECRET_FILE
+    if path.exists():
+        return path.read_text().strip().encode()
+    raise errors.ConfigError(
+        "no secret key: pass --secret-key-file PATH (or --secret-key, or set "
+        "OCTASKLY_SECRET_KEY) with the dispatcher's key"
+    )
+
+
+# -- dispatcher -----------------------------------------------------------------------------
+def dispatcher_options(settings: config_settings.Settings, secret: bytes) -> dispatching.Options:
+    return dispatching.Options(
+        secret_key=secret,
+        whitelist=frozenset(settings.security.whitelist),
+        default_timeout=settings.limits.default_timeout,
+        task_queue_size=settings.performance.task_queue_size,
+        keepalive_interval=settings.performance.keepalive_interval,
+        connection_timeout=settings.performance.connection_timeout,
+        output_limit=settings.worker.output_limit_kb * 1024,
+        role=settings.dispatcher.role,
+    )
+
+
+class RunningDispatcher:
+    """A dispatcher with its P2P listener and API site, for the CLI and the tests."""
+
+    def __init__(
+        self,
+        dispatcher: dispatching.Dispatcher,
+        p2p: tcp.TCPServer,
+        runner: web.AppRunner,
+        api_port: int,
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.p2p = p2p
+        self.runner = runner
+        self.api_port = api_port
+
+    async def close(self) -> None:
+        self.p2p.close()
+        await self.runner.cleanup()
+        await self.dispatcher.stop()
+        await self.p2p.wait_closed()
+
+
+async def start_dispatcher(settings: config_settings.Settings) -> RunningDispatcher:
+    data_dir = settings.data_dir()
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    secret = ensure_secret(settings, data_dir)
+    db_path = settings.db_file()
+    store = sqlite.SQLiteStore(db_path, synchronous=settings.storage.sqlite_synchronous)
+    dispatcher = dispatching.Dispatcher(options=dispatcher_options(settings, secret), store=store)
+    await dispatcher.start()
+    net = settings.network
+    try:
+        p2p = await tcp.serve(net.bind_address, net.port, dispatcher.peers.handle)
+    except OSError as exc:
+        await dispatcher.stop()
+        raise errors.ConfigError(
+            f"cannot listen on {net.bind_address}:{net.port} (P2P): {exc.strerror or exc}"
+        ) from None
+    runner = web.AppRunner(api_app.build(dispatcher), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, net.bind_address, net.api_port, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as exc:
+        p2p.close()
+        await dispatcher.stop()
+        await runner.cleanup()
+        raise errors.ConfigError(
+            f"cannot listen on {net.bind_address}:{net.api_port} (API): {exc.strerror or exc}"
+        ) from None
+    api_port = runner.addresses[0][1] if runner.addresses else net.api_port
+    log.info(
+        "dispatcher ready: P2P %s:%d, API http://%s:%d, database %s",
+        net.bind_address,
+        p2p.port,
+        net.bind_address,
+        api_port,
+        db_path,
+    )
+    if not settings.security.require_auth and net.bind_address not in ("127.0.0.1", "::1"):
+        log.warning(
+            "API authentication is OFF while listening on %s: anyone who can reach "
+            "port %d can run commands on your workers",
+            net.bind_address,
+            api_port,
+        )
+    return RunningDispatcher(dispatcher, p2p, runner, api_port)
+
+
+async def _until_signal(*extra: asyncio.Future[Any] | asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    waits = [asyncio.ensure_future(stop.wait())]
+    for item in extra:
+        waits.append(
+            asyncio.ensure_future(item.wait() if isinstance(item, asyncio.Event) else item)
+        )
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+async def run_dispatcher(settings: config_settings.Settings) -> int:
+    running = await start_dispatcher(settings)
+    try:
+        await _until_signal(running.dispatcher.stopped)
+    finally:
+        log.info("dispatcher shutting down")
+        await running.close()
+    return 1 if running.dispatcher.failure else 0
+
+
+# -- worker ---------------------------------------------------------------------------------
+def worker_options(settings: config_settings.Settings) -> working.Options:
+    w = settings.worker
+    addrs = tuple(config_settings.parse_addr(a) for a in w.dispatcher_addr) or (
+        ("127.0.0.1", settings.network.port),
+    )
+    cpus = psutil.cpu_count() or 1
+    resources = models.Resources(
+        cpu_cores=w.cpu_cores if w.cpu_cores is not None else float(cpus),
+        memory_mb=w.memory
+        if w.memory is not None
+        else psutil.virtual_memory().total // (1024 * 1024),
+        gpu=w.gpu if w.gpu is not None else Path("/dev/nvidia0").exists(),
+        labels=dict(w.labels),
+    )
+    return working.Options(
+        name=w.name or socket.gethostname(),
+        dispatcher_addrs=addrs,
+        secret_key=find_secret(settings, settings.data_dir()),
+        resources=resources,
+        max_jobs=w.max_jobs or cpus,
+        sandbox_level=w.sandbox_level,
+        output_limit=w.output_limit_kb * 1024,
+        connect_timeout=settings.performance.connection_timeout,
+    )
+
+
+async def run_worker(settings: config_settings.Settings) -> int:
+    worker = working.Worker(options=worker_options(settings))
+    log.info(
+        "worker %s starting (dispatcher %s)",
+        worker.options.name,
+        ", ".join(f"{h}:{p}" for h, p in worker.options.dispatcher_addrs),
+    )
+    job = asyncio.ensure_future(worker.run())
+    try:
+        await _until_signal(job)
+    finally:
+        job.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await job
+    if job.done() and not job.cancelled() and job.exception() is not None:
+        exc = job.exception()
+        if isinstance(exc, working.FatalWorkerError):
+            log.error("%s", exc)
+            return 1
+        raise exc  # type: ignore[misc]
+    return 0
+
+
+# -- dev ------------------------------------------------------------------------------------
+def self_command() -> list[str]:
+    """How to start another octaskly process the same way this one was started."""
+    argv0 = sys.argv[0]
+    if argv0.endswith(".pyz") and Path(argv0).is_file():
+        return [sys.executable, argv0]
+    return [sys.executable, "-m", "octaskly"]
+
+
+async def run_dev(settings: config_settings.Settings, workers: int) -> int:
+    running = await start_dispatcher(settings)
+    data_dir = settings.data_dir()
+    env = {k: v for k, v in os.environ.items() if k != "OCTASKLY_SECRET_KEY"}
+    env["OCTASKLY_SECRET_KEY_FILE"] = str(settings.secret_file_or(data_dir / SECRET_FILE))
+    procs = []
+    for i in range(1, workers + 1):
+        cmd = [
+            *self_command(),
+            "worker",
+            "--name",
+            f"dev-worker-{i}",
+            "--dispatcher-addr",
+            f"127.0.0.1:{running.p2p.port}",
+        ]
+        procs.append(subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL))
+    print(
+        f"octaskly dev: dispatcher + {workers} workers; API http://127.0.0.1:"
+        f"{running.api_port}; data in {data_dir}. Try: octaskly submit --wait -- echo hello",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        await _until_signal(running.dispatcher.stopped)
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                await asyncio.to_thread(proc.wait, 10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        await running.close()
+    return 0

@@ -1,0 +1,62 @@
+"""Socket-free frame codec for the P2P protocol.
+
+A frame is a 4-byte big-endian length followed by that many bytes of UTF-8 JSON holding
+one object with a string `type`. The decoder is fed bytes as they arrive and yields whole
+messages; anything malformed raises ProtocolError and the connection is dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+from octaskly import errors
+
+HEADER = struct.Struct(">I")
+MAX_FRAME_BYTES = 32 * 1024 * 1024
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    """One frame for `message` (which must carry a `type`)."""
+    body = json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(body) > MAX_FRAME_BYTES:
+        raise errors.ProtocolError(f"frame of {len(body)} bytes exceeds {MAX_FRAME_BYTES}")
+    return HEADER.pack(len(body)) + body
+
+
+def decode_body(body: bytes) -> dict[str, Any]:
+    try:
+        message = json.loads(body)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise errors.ProtocolError(f"frame is not valid JSON: {exc}") from None
+    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+        raise errors.ProtocolError("frame is not an object with a string 'type'")
+    return message
+
+
+class FrameDecoder:
+    """Incremental decoder: `feed(data)` returns the complete messages seen so far."""
+
+    def __init__(self, *, max_frame: int = MAX_FRAME_BYTES) -> None:
+        self._buffer = bytearray()
+        self._max_frame = max_frame
+
+    def feed(self, data: bytes) -> list[dict[str, Any]]:
+        self._buffer += data
+        messages: list[dict[str, Any]] = []
+        while len(self._buffer) >= HEADER.size:
+            (length,) = HEADER.unpack_from(self._buffer)
+            if length > self._max_frame:
+                raise errors.ProtocolError(f"frame length {length} exceeds {self._max_frame}")
+            if len(self._buffer) < HEADER.size + length:
+                break
+            body = bytes(self._buffer[HEADER.size : HEADER.size + length])
+            del self._buffer[: HEADER.size + length]
+            messages.append(decode_body(body))
+        return messages
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet part of a whole frame."""
+        return len(self._buffer)

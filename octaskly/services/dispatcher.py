@@ -1,0 +1,603 @@
+"""The dispatcher service: the durable queue, scheduling, and the task operations the API
+exposes. Worker connections are handled in `peering`; storage sits behind `store.base`.
+
+Invariants:
+- a task is acknowledged only after `store.insert_tasks` returned (committed);
+- the in-memory `runs` map is the authority on which attempt of a task may report a
+  result; a result for any other attempt is rejected (the attempt number is a lease);
+- every state change of a task notifies its watchers (followers of its logs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import psutil
+
+from octaskly import __version__, errors
+from octaskly.domain import models, queueing, scheduling
+from octaskly.services import live, peering
+from octaskly.store import base as store_base
+
+log = logging.getLogger(__name__)
+SCAN_LIMIT = 64
+RUNNING = models.TaskStatus.RUNNING
+QUEUED = models.TaskStatus.QUEUED
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """What the dispatcher needs from the configuration (built by the CLI)."""
+
+    secret_key: bytes
+    whitelist: frozenset[str] = frozenset()
+    default_timeout: int = 3600
+    task_queue_size: int = 1_000_000
+    keepalive_interval: float = 5.0
+    connection_timeout: float = 15.0
+    output_limit: int = 1 << 20
+    policy: scheduling.Policy = dataclasses.field(default_factory=scheduling.Policy)
+    queue_window: int = 4096
+    role: str = "primary"
+
+
+@dataclasses.dataclass(slots=True)
+class Run:
+    """One attempt of a task in progress on a worker."""
+
+    task_id: str
+    worker_id: str
+    attempt: int
+    ref: queueing.Ref
+    retry_count: int
+    lost_count: int
+    started_at: float
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        *,
+        options: Options,
+        store: store_base.Store,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.options = options
+        self.store = store
+        self.clock = clock
+        self.queue = queueing.TaskQueue(window=options.queue_window)
+        self.runs: dict[str, Run] = {}
+        self.outputs: dict[str, live.LiveOutput] = {}
+        self.watchers = live.Watchers()
+        self.peers = peering.Peers(self)
+        self.queued_count = 0
+        self.started_at = clock()
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._due_handle: asyncio.TimerHandle | None = None
+        self._process = psutil.Process()
+        self._process.cpu_percent(None)
+        self.failure: BaseException | None = None
+        self.stopped = asyncio.Event()
+
+    # -- lifecycle ----------------------------------------------------------------
+    async def start(self) -> None:
+        await self.store.open()
+        counts = await self.store.count_by_status()
+        await self._recover_running()
+        self.queued_count = counts[QUEUED] + counts[RUNNING]
+        self._spawn(self._schedule_forever(), "scheduler")
+        self._spawn(self.peers.reap_forever(), "heartbeat-reaper")
+        self.wake()
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=f"octaskly-{name}")
+        task.add_done_callback(self._on_side_task_done)
+        self._tasks.append(task)
+
+    def _on_side_task_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        self.failure = exc or RuntimeError(f"{task.get_name()} ended unexpectedly")
+        log.error("background task %s died: %r; shutting down", task.get_name(), self.failure)
+        self.stopped.set()
+
+    async def stop(self) -> None:
+        if self._due_handle:
+            self._due_handle.cancel()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        await self.peers.close_all()
+        await self.store.close()
+        self.stopped.set()
+
+    async def _recover_running(self) -> None:
+        """Tasks that were running when the dispatcher stopped go back to the queue.
+
+        They wait a short grace before they may run again, so a worker still running one
+        can reconnect and report it (it is then re-attached instead of run twice).
+        """
+        running = await self.store.running_tasks()
+        if not running:
+            return
+        grace = self.clock() + 2 * self.options.keepalive_interval
+        await self.store.apply(
+            [
+                store_base.TaskUpdate(
+                    t.id, {"status": QUEUED, "not_before": grace}, expect_status=RUNNING
+                )
+                for t in running
+            ]
+        )
+        log.info("re-queued %d tasks that were running before the restart", len(running))
+
+    # -- submitting -----------------------------------------------------------------
+    async def submit(
+        self,
+        specs: Sequence[models.TaskSpec],
+        *,
+        owner: str | None = None,
+        idempotency_key: str | None = None,
+        request_id: str | None = None,
+    ) -> tuple[list[models.Task], bool]:
+        """Queue tasks durably; return them and whether they were created just now.
+
+        With an idempotency key, a repeated request returns the tasks the first one made.
+        """
+        keys = _idempotency_keys(idempotency_key, len(specs))
+        if keys:
+            existing = await self._find_idempotent(owner, keys)
+            if existing is not None:
+                return existing, False
+        if self.queued_count + len(specs) > self.options.task_queue_size:
+            raise errors.QueueFullError(
+                f"queue is full ({self.options.task_queue_size} tasks); retry later", delay=1.0
+            )
+        now = self.clock()
+        tasks = [
+            models.Task(
+                id=models.new_task_id(),
+                spec=spec,
+                timeout=spec.timeout or self.options.default_timeout,
+                created_at=now,
+                owner=owner,
+                idempotency_key=keys[i] if keys else None,
+                request_id=request_id,
+            )
+            for i, spec in enumerate(specs)
+        ]
+        try:
+            seqs = await self.store.insert_tasks(tasks)
+        except store_base.DuplicateIdempotencyKey:
+            found = await self._find_idempotent(owner, keys)
+            if found is None:
+                raise
+            return found, False
+        self.queued_count += len(tasks)
+        for task, seq in zip(tasks, seqs, strict=True):
+            task.queue_seq = seq
+            self.queue.push_new(_candidate(task))
+        self.wake()
+        return tasks, True
+
+    async def _find_idempotent(
+        self, owner: str | None, keys: list[str]
+    ) -> list[models.Task] | None:
+        first = await self.store.find_by_idempotency_key(owner, keys[0])
+        if first is None:
+            return None
+        found = [first]
+        for key in keys[1:]:
+            task = await self.store.find_by_idempotency_key(owner, key)
+            if task is not None:
+                found.append(task)
+        return found
+
+    # -- reading --------------------------------------------------------------------------
+    async def get(self, task_id: str, *, owner: str | None = None) -> models.Task:
+        task = await self.store.get_task(task_id)
+        if task is None or (owner is not None and task.owner != owner):
+            raise errors.NotFoundError(f"task {task_id} not found")
+        return task
+
+    def waiting_reason(self, task: models.Task) -> str | None:
+        """Why a queued task is not running yet, if the dispatcher can tell."""
+        if task.status != QUEUED:
+            return None
+        parked = self.queue.parked_reason(task.id)
+        if parked:
+            return parked
+        if task.not_before and task.not_before > self.clock():
+            return "waiting to retry after a failure"
+        return scheduling.unfit_reason(task.spec.requirements, self.peers.capacities())
+
+    async def list(
+        self,
+        *,
+        status: models.TaskStatus | None = None,
+        worker_id: str | None = None,
+        owner: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> store_base.TaskPage:
+        return await self.store.list_tasks(
+            status=status, worker_id=worker_id, owner=owner, limit=limit, offset=offset
+        )
+
+    # -- cancelling --------------------------------------------------------------------------
+    async def cancel(self, task_id: str, *, owner: str | None = None) -> models.Task:
+        """Cancel a queued or running task durably; a running one is killed on its worker."""
+        for _ in range(5):
+            task = await self.get(task_id, owner=owner)
+            if task.status.is_terminal:
+                raise errors.ConflictError(f"task {task_id} already finished ({task.status})")
+            run = self.runs.get(task_id)
+            now = self.clock()
+            changes = {
+                "status": models.TaskStatus.CANCELLED,
+                "completed_at": now,
+                "error": "cancelled",
+            }
+            if run is not None:
+                update = store_base.TaskUpdate(
+                    task_id, changes, expect_status=RUNNING, expect_attempts=run.attempt
+                )
+            else:
+                update = store_base.TaskUpdate(task_id, changes, expect_status=QUEUED)
+            (applied,) = await self.store.apply([update])
+            if not applied:
+                continue  # it changed state meanwhile: look again
+            if run is not None and self.runs.get(task_id) is run:
+                self._end_run(run)
+                self.peers.send_cancel(run.worker_id, task_id, run.attempt)
+            elif run is None:
+                self.queue.remove(task_id)
+                self.queued_count -= 1
+            self.watchers.notify(task_id)
+            return await self.get(task_id)
+        raise errors.TemporaryError(f"task {task_id} keeps changing state; retry", delay=0.1)
+
+    # -- following ----------------------------------------------------------------------------
+    async def follow(
+        self, task_id: str, *, owner: str | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Yield output chunks of a task as they come, across attempts, then an end event."""
+        await self.get(task_id, owner=owner)
+        held: live.LiveOutput | None = None
+        seq, streamed_attempt = 0, 0
+        while True:
+            changed = self.watchers.event(task_id)
+            task = await self.get(task_id)
+            out = self.outputs.get(task_id)
+            if held is not None and held is not out:
+                for chunk in held.since(seq)[0]:
+                    yield {"stream": chunk.stream, "data": chunk.data}
+                held = None
+            if task.status.is_terminal:
+                if streamed_attempt != task.attempts:
+                    for stream in ("stdout", "stderr"):
+                        if getattr(task, stream):
+                            yield {"stream": stream, "data": getattr(task, stream)}
+                yield {
+                    "event": "end",
+                    "status": task.status.value,
+                    "exit_code": task.exit_code,
+                    "error": task.error,
+                }
+                return
+            if out is not None:
+                if out is not held:
+                    held, seq, streamed_attempt = out, 0, out.attempt
+                    yield {"event": "attempt", "attempt": out.attempt}
+                chunks, skipped = out.since(seq)
+                if skipped:
+                    yield {"event": "dropped"}
+                for chunk in chunks:
+                    yield {"stream": chunk.stream, "data": chunk.data}
+                    seq = chunk.seq + 1
+                if not out.closed:
+                    await _first(changed.wait(), out.changed())
+                    continue
+            await changed.wait()
+
+    # -- scheduling -------------------------------------------------------------------------
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def _schedule_forever(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self.schedule_once()
+
+    async def schedule_once(self) -> int:
+        """One scheduling round; returns the number of tasks assigned."""
+        now = self.clock()
+        self._arm_due_timer(self.queue.release_due(now))
+        await self._refill(now)
+        candidates = self.queue.candidates(SCAN_LIMIT)
+        if not candidates:
+            return 0
+        slots = self.peers.slots()
+        assignments = scheduling.plan(candidates, slots, now, self.options.policy)
+        self._park_unfit(candidates, assignments)
+        if assignments:
+            await self._dispatch(assignments)
+            self.wake()  # there may be more to place
+        return len(assignments)
+
+    def _arm_due_timer(self, due: float | None) -> None:
+        if self._due_handle:
+            self._due_handle.cancel()
+            self._due_handle = None
+        if due is not None:
+            delay = max(0.0, due - self.clock())
+            self._due_handle = asyncio.get_running_loop().call_later(delay, self.wake)
+
+    async def _refill(self, now: float) -> None:
+        for priority in models.Priority:
+            if not self.queue.needs_refill(priority):
+                continue
+            after, pushes = self.queue.refill_cursor(priority)
+            limit = self.queue.window
+            rows = await self.store.queued_refs(priority, after, limit)
+            self.queue.refill(
+                priority,
+                [_ref_candidate(r) for r in rows],
+                limit=limit,
+                pushes=pushes,
+                now=now,
+                not_before={r.id: r.not_before for r in rows if r.not_before},
+            )
+            self._arm_due_timer(self.queue.release_due(now))
+
+    def _park_unfit(
+        self,
+        candidates: dict[models.Priority, list[queueing.Ref]],
+        assignments: list[scheduling.Assignment],
+    ) -> None:
+        capacities = self.peers.capacities()
+        if not capacities:
+            return
+        assigned = {a.task_id for a in assignments}
+        for refs in candidates.values():
+            for ref in refs:
+                if ref.id not in assigned:
+                    reason = scheduling.unfit_reason(ref.requirements, capacities)
+                    if reason:
+                        self.queue.park(ref.id, reason)
+
+    async def _dispatch(self, assignments: list[scheduling.Assignment]) -> None:
+        tasks = {t.id: t for t in await self.store.get_tasks([a.task_id for a in assignments])}
+        now = self.clock()
+        updates = []
+        for a in assignments:
+            task = tasks.get(a.task_id)
+            ref = self.queue.remove(a.task_id)
+            if ref is None or task is None or task.status != QUEUED:
+                continue  # cancelled or changed while we read it
+            if not self.peers.is_connected(a.worker_id):
+                self.queue.requeue(ref)
+                continue
+            attempt = task.attempts + 1
+            run = Run(
+                a.task_id, a.worker_id, attempt, ref, task.spec.retry_count, task.lost_count, now
+            )
+            self.runs[a.task_id] = run
+            self.queued_count -= 1
+            self.outputs[a.task_id] = live.LiveOutput(attempt, limit=self.options.output_limit)
+            self.peers.add_run(run)
+            updates.append(
+                store_base.TaskUpdate(
+                    a.task_id,
+                    {
+                        "status": RUNNING,
+                        "attempts": attempt,
+                        "worker_id": a.worker_id,
+                        "started_at": now,
+                        "not_before": None,
+                    },
+                    expect_status=QUEUED,
+                )
+            )
+            self.peers.send_assign(a.worker_id, task, attempt)
+            self.watchers.notify(a.task_id)
+        self.store.apply_soon(updates)
+
+    # -- run outcomes (called by peering) ------------------------------------------------------
+    def _end_run(self, run: Run) -> None:
+        self.runs.pop(run.task_id, None)
+        self.peers.remove_run(run)
+        out = self.outputs.pop(run.task_id, None)
+        if out is not None:
+            out.close()
+        self.wake()
+
+    def on_output(self, worker_id: str, task_id: str, attempt: int, stream: str, data: str) -> bool:
+        run = self.runs.get(task_id)
+        if run is None or run.worker_id != worker_id or run.attempt != attempt:
+            return False
+        out = self.outputs.get(task_id)
+        if out is not None:
+            out.append(stream, data)
+        return True
+
+    async def on_result(self, worker_id: str, result: Any) -> bool:
+        """Record a run's result if its lease is still valid; True if it was accepted."""
+        run = self.runs.get(result.task_id)
+        if run is None or run.worker_id != worker_id or run.attempt != result.attempt:
+            return await self._on_late_result(worker_id, result)
+        self._end_run(run)
+        return await self._record_result(run.ref, result, RUNNING, run.retry_count, run.lost_count)
+
+    async def _on_late_result(self, worker_id: str, result: Any) -> bool:
+        """A result for a run we had re-queued but not yet restarted is still good work."""
+        task = await self.store.get_task(result.task_id)
+        if (
+            task is None
+            or task.status != QUEUED
+            or task.attempts != result.attempt
+            or result.task_id in self.runs
+        ):
+            log.info(
+                "rejected stale result of task %s attempt %s from %s",
+                result.task_id,
+                result.attempt,
+                worker_id,
+            )
+            return False
+        ref = self.queue.remove(task.id) or _candidate(task)
+        self.queued_count -= 1
+        ok = await self._record_result(
+            ref, result, QUEUED, task.spec.retry_count, task.lost_count, worker_id=worker_id
+        )
+        if not ok:
+            self.queued_count += 1
+            self.queue.requeue(ref)
+        return ok
+
+    async def _record_result(
+        self,
+        ref: queueing.Ref,
+        result: Any,
+        expect: models.TaskStatus,
+        retry_count: int,
+        lost_count: int,
+        worker_id: str | None = None,
+    ) -> bool:
+        now = self.clock()
+        outcome = scheduling.after_run(
+            status=models.TaskStatus(result.status),
+            attempts=result.attempt,
+            lost_count=lost_count,
+            retry_count=retry_count,
+            now=now,
+            policy=self.options.policy,
+            error=result.error,
+        )
+        changes: dict[str, Any] = {
+            "status": outcome.status,
+            "exit_code": result.exit_code,
+            "duration_ms": result.duration_ms,
+            "stdout": result.stdout,
+            "stderr": result.stderr,
+            "stdout_dropped": result.stdout_dropped,
+            "stderr_dropped": result.stderr_dropped,
+            "error": outcome.error,
+            "not_before": outcome.not_before,
+            "completed_at": None if outcome.status == QUEUED else now,
+        }
+        if worker_id is not None:
+            changes["worker_id"] = worker_id
+        update = store_base.TaskUpdate(
+            result.task_id, changes, expect_status=expect, expect_attempts=result.attempt
+        )
+        (applied,) = await self.store.apply([update])
+        if applied and outcome.status == QUEUED:
+            self.queued_count += 1
+            self.queue.requeue(ref, not_before=outcome.not_before)
+            self._arm_due_timer(self.queue.release_due(now))
+        self.watchers.notify(result.task_id)
+        return applied
+
+    async def on_lost(self, runs: Sequence[Run], reason: str) -> None:
+        """Runs whose worker went away go back to the queue (or fail if lost too often)."""
+        updates, requeue = [], []
+        for run in runs:
+            if self.runs.get(run.task_id) is not run:
+                continue
+            self._end_run(run)
+            outcome = scheduling.after_lost(
+                lost_count=run.lost_count + 1, policy=self.options.policy
+            )
+            changes: dict[str, Any] = {"status": outcome.status, "lost_count": run.lost_count + 1}
+            if outcome.status == QUEUED:
+                requeue.append(run)
+            else:
+                changes.update(completed_at=self.clock(), error=outcome.error)
+            updates.append(
+                store_base.TaskUpdate(
+                    run.task_id, changes, expect_status=RUNNING, expect_attempts=run.attempt
+                )
+            )
+        if not updates:
+            return
+        log.warning("%d running tasks lost (%s)", len(updates), reason)
+        applied = await self.store.apply(updates)
+        by_id = {u.task_id: ok for u, ok in zip(updates, applied, strict=True)}
+        for run in requeue:
+            if by_id.get(run.task_id):
+                self.queued_count += 1
+                self.queue.requeue(run.ref)
+        for update in updates:
+            self.watchers.notify(update.task_id)
+        self.wake()
+
+    def on_workers_changed(self) -> None:
+        if self.queue.unpark_all():
+            log.info("a worker joined: parked tasks are considered again")
+        self.wake()
+
+    # -- introspection ----------------------------------------------------------------------
+    async def stats(self) -> dict[str, Any]:
+        counts = await self.store.count_by_status()
+        workers = self.peers.views()
+        busy = sum(1 for w in workers if w["current_jobs"] > 0)
+        mem = self._process.memory_info().rss / (1024 * 1024)
+        return {
+            "workers": {"total": len(workers), "active": busy, "idle": len(workers) - busy},
+            "tasks": {s.value: counts.get(s, 0) for s in models.TaskStatus},
+            "system": {
+                "uptime_seconds": int(self.clock() - self.started_at),
+                "memory_usage_mb": round(mem, 1),
+                "cpu_usage_percent": self._process.cpu_percent(None),
+            },
+            "database": {
+                "total_tasks": sum(counts.values()),
+                "disk_size_mb": round(await self.store.size_bytes() / (1024 * 1024), 3),
+            },
+        }
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "status": "healthy",
+            "version": __version__,
+            "uptime_seconds": int(self.clock() - self.started_at),
+            "role": self.options.role,
+        }
+
+
+def _idempotency_keys(key: str | None, count: int) -> list[str]:
+    if key is None:
+        return []
+    return [key] if count == 1 else [f"{key}#{i}" for i in range(count)]
+
+
+def _candidate(task: models.Task) -> queueing.Ref:
+    return scheduling.Candidate(
+        task.id, task.queue_seq, task.spec.priority, task.created_at, task.spec.requirements
+    )
+
+
+def _ref_candidate(ref: store_base.QueuedRef) -> queueing.Ref:
+    return scheduling.Candidate(
+        ref.id, ref.queue_seq, ref.priority, ref.created_at, ref.requirements
+    )
+
+
+async def _first(*aws: Any) -> None:
+    """Wait until the first of several awaitables completes; cancel the rest."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()

@@ -1,0 +1,82 @@
+"""Live task output and state-change notifications for followers (logs --follow, --wait).
+
+Output of running tasks is held in memory only, bounded per task; the final tail is
+stored with the result. Followers never poll: they await an event that is replaced on
+every change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Chunk:
+    seq: int
+    stream: str
+    data: str
+
+
+class LiveOutput:
+    """The recent output of one running attempt, with change notification."""
+
+    def __init__(self, attempt: int, *, limit: int) -> None:
+        self.attempt = attempt
+        self._limit = limit
+        self._chunks: collections.deque[Chunk] = collections.deque()
+        self._bytes = 0
+        self._next = 0
+        self._changed = asyncio.Event()
+        self.closed = False
+
+    def append(self, stream: str, data: str) -> None:
+        if self.closed or not data:
+            return
+        self._chunks.append(Chunk(self._next, stream, data))
+        self._next += 1
+        self._bytes += len(data)
+        while self._bytes > self._limit and len(self._chunks) > 1:
+            self._bytes -= len(self._chunks.popleft().data)
+        self._signal()
+
+    def close(self) -> None:
+        self.closed = True
+        self._signal()
+
+    def _signal(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def since(self, seq: int) -> tuple[list[Chunk], bool]:
+        """Chunks from `seq` on, and whether some between were already dropped."""
+        chunks = [c for c in self._chunks if c.seq >= seq]
+        skipped = bool(self._chunks) and self._chunks[0].seq > seq
+        return chunks, skipped
+
+    async def changed(self) -> None:
+        await self._changed.wait()
+
+
+class Watchers:
+    """Per-task events set whenever a task changes state; created only when awaited."""
+
+    def __init__(self) -> None:
+        self._events: dict[str, asyncio.Event] = {}
+
+    def event(self, task_id: str) -> asyncio.Event:
+        event = self._events.get(task_id)
+        if event is None:
+            event = self._events[task_id] = asyncio.Event()
+        return event
+
+    def notify(self, task_id: str) -> None:
+        event = self._events.pop(task_id, None)
+        if event is not None:
+            event.set()
+
+    def notify_all(self) -> None:
+        events, self._events = self._events, {}
+        for event in events.values():
+            event.set()

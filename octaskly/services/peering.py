@@ -1,0 +1,346 @@
+"""The dispatcher's side of worker connections: admission, sessions, heartbeats.
+
+A worker proves the cluster key (protocol.auth), may be restricted by the whitelist, then
+keeps one session. A reconnecting worker process (same name, same instance id) takes its
+session over and keeps the runs it still holds; runs it does not report are lost and go
+back to the queue. A session silent for `connection_timeout` is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from octaskly import errors
+from octaskly.domain import models, scheduling
+from octaskly.protocol import auth, messages
+from octaskly.store import base as store_base
+from octaskly.transport import base as transport
+
+if TYPE_CHECKING:
+    from octaskly.services.dispatcher import Dispatcher, Run
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(eq=False)
+class Session:
+    id: str
+    hello: messages.Hello
+    conn: transport.Connection
+    connected_at: float
+    last_seen: float
+    runs: dict[str, Run] = dataclasses.field(default_factory=dict)
+    outbox: asyncio.Queue[dict[str, Any] | None] = dataclasses.field(default_factory=asyncio.Queue)
+
+    def send(self, message: messages._Message) -> None:
+        self.outbox.put_nowait(messages.to_wire(message))
+
+
+class Peers:
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self._d = dispatcher
+        self._key = auth.derive_auth_key(dispatcher.options.secret_key)
+        self.sessions: dict[str, Session] = {}
+        self._handlers: set[asyncio.Task[Any]] = set()
+
+    # -- views for the scheduler and the API ---------------------------------------------
+    def slots(self) -> list[scheduling.WorkerSlot]:
+        out = []
+        for s in self.sessions.values():
+            reqs = [r.ref.requirements for r in s.runs.values()]
+            out.append(
+                scheduling.WorkerSlot(
+                    id=s.id,
+                    capacity=s.hello.resources,
+                    max_jobs=s.hello.max_jobs,
+                    running=len(s.runs),
+                    cpu_used=sum(r.cpu_cores for r in reqs),
+                    memory_used=sum(r.memory_mb for r in reqs),
+                )
+            )
+        return out
+
+    def capacities(self) -> list[models.Resources]:
+        return [s.hello.resources for s in self.sessions.values()]
+
+    def is_connected(self, worker_id: str) -> bool:
+        return worker_id in self.sessions
+
+    def views(self) -> list[dict[str, Any]]:
+        now_wall, now_mono = time.time(), time.monotonic()
+        return [
+            {
+                "id": s.id,
+                "name": s.hello.name,
+                "address": s.conn.peer,
+                "version": s.hello.version,
+                "resources": s.hello.resources.model_dump(),
+                "max_jobs": s.hello.max_jobs,
+                "current_jobs": len(s.runs),
+                "sandbox_level": s.hello.sandbox_level.value,
+                "state": (models.WorkerState.BUSY if s.runs else models.WorkerState.IDLE).value,
+                "connected_at": s.connected_at,
+                "last_heartbeat": now_wall - (now_mono - s.last_seen),
+            }
+            for s in sorted(self.sessions.values(), key=lambda s: s.id)
+        ]
+
+    # -- bookkeeping the dispatcher drives -------------------------------------------------
+    def add_run(self, run: Run) -> None:
+        self.sessions[run.worker_id].runs[run.task_id] = run
+
+    def remove_run(self, run: Run) -> None:
+        session = self.sessions.get(run.worker_id)
+        if session is not None and session.runs.get(run.task_id) is run:
+            del session.runs[run.task_id]
+
+    def send_assign(self, worker_id: str, task: models.Task, attempt: int) -> None:
+        spec = task.spec
+        self.sessions[worker_id].send(
+            messages.Assign(
+                task=messages.TaskAssignment(
+                    task_id=task.id,
+                    attempt=attempt,
+                    command=spec.command,
+                    env=spec.env,
+                    timeout=task.timeout,
+                    sandbox_level=spec.sandbox_level,
+                    memory_limit_mb=spec.memory_limit_mb,
+                    cpu_seconds=spec.cpu_seconds,
+                    disk_limit_mb=spec.disk_limit_mb,
+                    request_id=task.request_id,
+                )
+            )
+        )
+
+    def send_cancel(self, worker_id: str, task_id: str, attempt: int) -> None:
+        session = self.sessions.get(worker_id)
+        if session is not None:
+            session.send(messages.Cancel(task_id=task_id, attempt=attempt))
+
+    # -- connections ---------------------------------------------------------------------
+    async def handle(self, conn: transport.Connection) -> None:
+        """Serve one worker connection from handshake to close."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
+        try:
+            session = await self._admit(conn)
+            if session is not None:
+                await self._serve(session)
+        except (errors.ProtocolError, ConnectionError, TimeoutError, OSError) as exc:
+            log.warning("dropping P2P connection from %s: %s", conn.peer, exc or type(exc).__name__)
+        finally:
+            if task is not None:
+                self._handlers.discard(task)
+
+    async def _admit(self, conn: transport.Connection) -> Session | None:
+        nonce = auth.new_nonce()
+        await conn.send(
+            messages.to_wire(messages.Challenge(protocol=messages.PROTOCOL_VERSION, nonce=nonce))
+        )
+        raw = await asyncio.wait_for(conn.recv(), self._d.options.connection_timeout)
+        if raw is None:
+            return None
+        hello = messages.parse_worker_message(raw)
+        if not isinstance(hello, messages.Hello):
+            raise errors.ProtocolError(f"expected hello, got {hello.type}")
+        refusal = self._refusal(hello, nonce)
+        if refusal:
+            log.warning("refused worker %r from %s: %s", hello.name, conn.peer, refusal)
+            await conn.send(messages.to_wire(messages.Reject(reason=refusal)))
+            return None
+        now = time.monotonic()
+        session = Session(hello.name, hello, conn, time.time(), now)
+        abort = await self._reconcile(session)
+        self.sessions[session.id] = session
+        await conn.send(
+            messages.to_wire(
+                messages.Welcome(
+                    worker_id=session.id,
+                    proof=auth.dispatcher_proof(
+                        self._key,
+                        dispatcher_nonce=nonce,
+                        worker_nonce=hello.nonce,
+                        worker_id=session.id,
+                    ),
+                    keepalive_interval=self._d.options.keepalive_interval,
+                    abort=abort,
+                )
+            )
+        )
+        log.info(
+            "worker %s joined from %s (%g cores, %d MB, max_jobs %d)",
+            session.id,
+            conn.peer,
+            hello.resources.cpu_cores,
+            hello.resources.memory_mb,
+            hello.max_jobs,
+        )
+        self._d.on_workers_changed()
+        return session
+
+    def _refusal(self, hello: messages.Hello, nonce: str) -> str | None:
+        if hello.protocol != messages.PROTOCOL_VERSION:
+            return f"unsupported protocol version {hello.protocol}"
+        expected = auth.worker_proof(
+            self._key, dispatcher_nonce=nonce, worker_nonce=hello.nonce, name=hello.name
+        )
+        if not auth.verify(expected, hello.proof):
+            return "authentication failed: the worker does not have this cluster's secret key"
+        whitelist = self._d.options.whitelist
+        if whitelist and hello.name not in whitelist:
+            return f"worker {hello.name!r} is not in the dispatcher's whitelist"
+        existing = self.sessions.get(hello.name)
+        if existing is not None and existing.hello.instance != hello.instance:
+            return f"another worker named {hello.name!r} is already connected"
+        return None
+
+    async def _reconcile(self, session: Session) -> list[messages.RunRef]:
+        """Keep the runs the worker still holds; re-attach re-queued ones; abort the rest."""
+        old = self.sessions.pop(session.id, None)
+        held = {r.task_id: r.attempt for r in (*session.hello.running, *session.hello.finished)}
+        previous: dict[str, Run] = dict(old.runs) if old is not None else {}
+        if old is not None:
+            old.runs.clear()
+            old.conn.close()
+        abort = []
+        for task_id, attempt in held.items():
+            run = self._d.runs.get(task_id)
+            if run is not None and run.worker_id == session.id and run.attempt == attempt:
+                session.runs[task_id] = run
+                previous.pop(task_id, None)
+            elif run is None and await self._reattach(session, task_id, attempt):
+                continue
+            elif task_id not in {r.task_id for r in session.hello.finished}:
+                abort.append(messages.RunRef(task_id=task_id, attempt=attempt))
+        if previous:
+            await self._d.on_lost(list(previous.values()), f"worker {session.id} reconnected")
+        return abort
+
+    async def _reattach(self, session: Session, task_id: str, attempt: int) -> bool:
+        task = await self._d.store.get_task(task_id)
+        if task is None or task.status != models.TaskStatus.QUEUED or task.attempts != attempt:
+            return False
+        (ok,) = await self._d.store.apply(
+            [
+                store_base.TaskUpdate(
+                    task_id,
+                    {
+                        "status": models.TaskStatus.RUNNING,
+                        "worker_id": session.id,
+                        "not_before": None,
+                    },
+                    expect_status=models.TaskStatus.QUEUED,
+                    expect_attempts=attempt,
+                )
+            ]
+        )
+        if not ok or task_id in self._d.runs:
+            return False
+        from octaskly.services import dispatcher as dispatching
+
+        ref = self._d.queue.remove(task_id) or dispatching._candidate(task)
+        self._d.queued_count -= 1
+        run = dispatching.Run(
+            task_id,
+            session.id,
+            attempt,
+            ref,
+            task.spec.retry_count,
+            task.lost_count,
+            task.started_at or time.time(),
+        )
+        self._d.runs[task_id] = run
+        session.runs[task_id] = run
+        log.info("re-attached task %s attempt %d to worker %s", task_id, attempt, session.id)
+        return True
+
+    async def _serve(self, session: Session) -> None:
+        sender = asyncio.create_task(self._send_forever(session), name=f"send-{session.id}")
+        pending: set[asyncio.Task[None]] = set()
+        reason = "connection closed"
+        try:
+            while True:
+                raw = await session.conn.recv()
+                if raw is None:
+                    break
+                session.last_seen = time.monotonic()
+                message = messages.parse_worker_message(raw)
+                if isinstance(message, messages.Result):
+                    t = asyncio.create_task(self._on_result(session, message))
+                    pending.add(t)
+                    t.add_done_callback(pending.discard)
+                elif isinstance(message, messages.Output):
+                    if not self._d.on_output(
+                        session.id, message.task_id, message.attempt, message.stream, message.data
+                    ):
+                        session.send(
+                            messages.Cancel(task_id=message.task_id, attempt=message.attempt)
+                        )
+                elif isinstance(message, messages.Hello):
+                    raise errors.ProtocolError("hello sent twice")
+        except errors.ProtocolError as exc:
+            reason = f"protocol error: {exc}"
+            log.warning("worker %s sent a bad frame, disconnecting: %s", session.id, exc)
+        except (ConnectionError, OSError) as exc:
+            reason = f"connection lost: {exc or type(exc).__name__}"
+        finally:
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+            session.outbox.put_nowait(None)
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
+            await self._leave(session, reason)
+
+    async def _on_result(self, session: Session, result: messages.Result) -> None:
+        await self._d.on_result(session.id, result)
+        session.send(messages.ResultAck(task_id=result.task_id, attempt=result.attempt))
+
+    async def _send_forever(self, session: Session) -> None:
+        while True:
+            message = await session.outbox.get()
+            if message is None:
+                return
+            try:
+                await session.conn.send(message)
+            except (ConnectionError, OSError):
+                session.conn.close()
+                return
+
+    async def _leave(self, session: Session, reason: str) -> None:
+        if self.sessions.get(session.id) is not session:
+            return  # replaced by a reconnect of the same worker; its runs moved over
+        del self.sessions[session.id]
+        log.info("worker %s left: %s", session.id, reason)
+        runs = list(session.runs.values())
+        session.runs.clear()
+        await self._d.on_lost(runs, f"worker {session.id} left: {reason}")
+        self._d.on_workers_changed()
+
+    async def reap_forever(self) -> None:
+        """Close sessions that stopped heart-beating; their runs are then re-queued."""
+        interval = self._d.options.keepalive_interval
+        while True:
+            await asyncio.sleep(interval)
+            cutoff = time.monotonic() - self._d.options.connection_timeout
+            for session in list(self.sessions.values()):
+                if session.last_seen < cutoff:
+                    log.warning(
+                        "worker %s missed heartbeats for %.1fs; disconnecting",
+                        session.id,
+                        time.monotonic() - session.last_seen,
+                    )
+                    session.conn.close()
+
+    async def close_all(self) -> None:
+        for session in list(self.sessions.values()):
+            session.conn.close()
+        handlers = list(self._handlers)
+        for h in handlers:
+            h.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)

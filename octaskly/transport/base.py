@@ -1,0 +1,42 @@
+"""The interface every P2P transport implements."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+
+class Connection(Protocol):
+    """One established, framed, bidirectional connection."""
+
+    @property
+    def peer(self) -> str:
+        """The remote address as HOST:PORT, for logs and audit."""
+
+    async def send(self, message: dict[str, Any]) -> None:
+        """Send one message; raises ConnectionError if the connection is gone."""
+
+    def send_nowait(self, message: dict[str, Any]) -> None:
+        """Queue one message behind those already sent, without waiting for buffer space."""
+
+    async def recv(self) -> dict[str, Any] | None:
+        """The next message, or None when the peer closed cleanly.
+
+        Raises ProtocolError on a malformed frame, ConnectionError on a broken link.
+        """
+
+    def close(self) -> None: ...
+
+    async def wait_closed(self) -> None: ...
+
+
+ConnectionHandler = Callable[[Connection], Awaitable[None]]
+
+
+class Server(Protocol):
+    @property
+    def port(self) -> int: ...
+
+    def close(self) -> None: ...
+
+    async def wait_closed(self) -> None: ...

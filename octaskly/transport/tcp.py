@@ -1,0 +1,102 @@
+"""Framed messages over plain asyncio TCP streams."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import Any
+
+from octaskly.protocol import framing
+from octaskly.transport import base
+
+log = logging.getLogger(__name__)
+_READ_CHUNK = 256 * 1024
+
+
+def _format_peer(info: Any) -> str:
+    if isinstance(info, tuple) and len(info) >= 2:
+        host = str(info[0])
+        return f"[{host}]:{info[1]}" if ":" in host else f"{host}:{info[1]}"
+    return str(info)
+
+
+class TCPConnection:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._decoder = framing.FrameDecoder()
+        self._pending: list[dict[str, Any]] = []
+        self._peer = _format_peer(writer.get_extra_info("peername"))
+
+    @property
+    def peer(self) -> str:
+        return self._peer
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if self._writer.is_closing():
+            raise ConnectionError("connection closed")
+        self._writer.write(framing.encode(message))
+        await self._writer.drain()
+
+    def send_nowait(self, message: dict[str, Any]) -> None:
+        if self._writer.is_closing():
+            raise ConnectionError("connection closed")
+        self._writer.write(framing.encode(message))
+
+    async def recv(self) -> dict[str, Any] | None:
+        while not self._pending:
+            data = await self._reader.read(_READ_CHUNK)
+            if not data:
+                if self._decoder.buffered:
+                    raise ConnectionError("connection closed in the middle of a frame")
+                return None
+            self._pending.extend(self._decoder.feed(data))
+        return self._pending.pop(0)
+
+    def close(self) -> None:
+        self._writer.close()
+
+    async def wait_closed(self) -> None:
+        try:
+            await self._writer.wait_closed()
+        except (ConnectionError, OSError):
+            pass
+
+
+class TCPServer:
+    def __init__(self, server: asyncio.Server) -> None:
+        self._server = server
+
+    @property
+    def port(self) -> int:
+        sockets = self._server.sockets
+        return int(sockets[0].getsockname()[1]) if sockets else 0
+
+    def close(self) -> None:
+        self._server.close()
+
+    async def wait_closed(self) -> None:
+        await self._server.wait_closed()
+
+
+async def serve(host: str, port: int, handler: base.ConnectionHandler) -> TCPServer:
+    """Listen on host:port; run `handler` for each connection, closing it afterwards."""
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = TCPConnection(reader, writer)
+        try:
+            await handler(conn)
+        finally:
+            conn.close()
+            await conn.wait_closed()
+
+    server = await asyncio.start_server(on_connect, host, port, reuse_address=True)
+    return TCPServer(server)
+
+
+async def connect(host: str, port: int, *, timeout: float) -> TCPConnection:
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection(host, port, family=socket.AF_UNSPEC), timeout
+    )
+    return TCPConnection(reader, writer)

@@ -1,0 +1,125 @@
+"""Frame codec and message validation, fed bytes directly (no sockets)."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from octaskly import errors
+from octaskly.protocol import auth, framing, messages
+
+
+def test_roundtrip_across_arbitrary_chunking() -> None:
+    msgs = [{"type": "heartbeat", "running": []}, {"type": "output", "data": "héllo\n" * 100}]
+    wire = b"".join(framing.encode(m) for m in msgs)
+    for size in (1, 2, 3, 7, 64, len(wire)):
+        dec = framing.FrameDecoder()
+        got = []
+        for i in range(0, len(wire), size):
+            got.extend(dec.feed(wire[i : i + size]))
+        assert got == msgs
+        assert dec.buffered == 0
+
+
+@pytest.mark.parametrize(
+    ("wire", "complaint"),
+    [
+        (struct.pack(">I", 3) + b"{x}", "not valid JSON"),
+        (struct.pack(">I", 2) + b"[]", "string 'type'"),
+        (struct.pack(">I", 11) + b'{"type": 1}', "string 'type'"),
+        (struct.pack(">I", 4) + b"\xff\xfe\xfd\xfc", "not valid JSON"),
+        (struct.pack(">I", 0xFFFFFFFF), "exceeds"),
+    ],
+)
+def test_garbage_is_rejected(wire: bytes, complaint: str) -> None:
+    with pytest.raises(errors.ProtocolError, match=complaint):
+        framing.FrameDecoder().feed(wire)
+
+
+def test_partial_frame_waits_for_more() -> None:
+    dec = framing.FrameDecoder()
+    frame = framing.encode({"type": "heartbeat"})
+    assert dec.feed(frame[:-1]) == []
+    assert dec.buffered == len(frame) - 1
+    assert dec.feed(frame[-1:]) == [{"type": "heartbeat"}]
+
+
+def _hello(**overrides: object) -> dict[str, object]:
+    base: dict[str, object] = {
+        "type": "hello",
+        "protocol": 1,
+        "name": "w1",
+        "instance": "a" * 32,
+        "nonce": "b" * 32,
+        "proof": "c" * 64,
+        "version": "1",
+        "max_jobs": 2,
+        "sandbox_level": "basic",
+        "resources": {"cpu_cores": 2, "memory_mb": 1024},
+    }
+    base.update(overrides)
+    return base
+
+
+@pytest.mark.parametrize(
+    ("raw", "complaint"),
+    [
+        ({"type": "nonsense"}, "invalid"),
+        (_hello(max_jobs=0), "max_jobs"),
+        (_hello(name="../../etc"), "name"),
+        (_hello(extra=1), "extra"),
+        (_hello(resources={"cpu_cores": -1, "memory_mb": 1}), "cpu_cores"),
+        (
+            {
+                "type": "result",
+                "task_id": "x",
+                "attempt": 0,
+                "status": "completed",
+                "duration_ms": 1,
+            },
+            "attempt",
+        ),
+        (
+            {
+                "type": "result",
+                "task_id": "x",
+                "attempt": 1,
+                "status": "exploded",
+                "duration_ms": 1,
+            },
+            "status",
+        ),
+        ({"type": "output", "task_id": "x", "attempt": 1, "stream": "stdin", "data": ""}, "stream"),
+    ],
+)
+def test_invalid_worker_messages(raw: dict[str, object], complaint: str) -> None:
+    with pytest.raises(errors.ProtocolError, match=complaint):
+        messages.parse_worker_message(raw)
+
+
+def test_worker_cannot_send_dispatcher_messages() -> None:
+    with pytest.raises(errors.ProtocolError):
+        messages.parse_worker_message({"type": "assign", "task": {}})
+
+
+def test_valid_hello_parses() -> None:
+    hello = messages.parse_worker_message(_hello())
+    assert isinstance(hello, messages.Hello) and hello.name == "w1"
+
+
+def test_proofs_bind_both_nonces_and_the_key() -> None:
+    key = auth.derive_auth_key(b"secret-one-secret-one")
+    other = auth.derive_auth_key(b"secret-two-secret-two")
+    proof = auth.worker_proof(key, dispatcher_nonce="n1", worker_nonce="n2", name="w")
+    assert auth.verify(
+        proof, auth.worker_proof(key, dispatcher_nonce="n1", worker_nonce="n2", name="w")
+    )
+    for changed in (
+        auth.worker_proof(other, dispatcher_nonce="n1", worker_nonce="n2", name="w"),
+        auth.worker_proof(key, dispatcher_nonce="n9", worker_nonce="n2", name="w"),
+        auth.worker_proof(key, dispatcher_nonce="n1", worker_nonce="n2", name="x"),
+        auth.dispatcher_proof(key, dispatcher_nonce="n1", worker_nonce="n2", worker_id="w"),
+    ):
+        assert not auth.verify(proof, changed)
+    assert not auth.verify(proof, "ünicode")

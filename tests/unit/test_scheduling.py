@@ -1,0 +1,222 @@
+"""Scheduling decisions as tables: no sockets, no sleeps, a fixed `now`."""
+
+from __future__ import annotations
+
+import pytest
+
+from octaskly.domain import models, scheduling
+from octaskly.domain.models import Priority, Requirements, Resources, TaskStatus
+
+POLICY = scheduling.Policy(aging_seconds=60.0)
+NOW = 10_000.0
+
+
+def cand(
+    task_id: str, seq: int, prio: Priority = Priority.NORMAL, waited: float = 0.0, **req: object
+) -> scheduling.Candidate:
+    return scheduling.Candidate(task_id, seq, prio, NOW - waited, Requirements(**req))
+
+
+def slot(
+    worker_id: str,
+    max_jobs: int = 1,
+    running: int = 0,
+    cpu: float = 4,
+    mem: int = 8192,
+    gpu: bool = False,
+    labels: dict[str, str] | None = None,
+    **used: float,
+) -> scheduling.WorkerSlot:
+    return scheduling.WorkerSlot(
+        worker_id,
+        Resources(cpu_cores=cpu, memory_mb=mem, gpu=gpu, labels=labels or {}),
+        max_jobs,
+        running,
+        **used,
+    )  # type: ignore[arg-type]
+
+
+def by_class(*cands: scheduling.Candidate) -> dict[Priority, list[scheduling.Candidate]]:
+    out: dict[Priority, list[scheduling.Candidate]] = {}
+    for c in sorted(cands, key=lambda c: c.queue_seq):
+        out.setdefault(c.priority, []).append(c)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("cands", "free_slots", "expected_order"),
+    [
+        # critical > high > normal > low
+        (
+            [
+                cand("l", 1, Priority.LOW),
+                cand("n", 2),
+                cand("h", 3, Priority.HIGH),
+                cand("c", 4, Priority.CRITICAL),
+            ],
+            4,
+            ["c", "h", "n", "l"],
+        ),
+        # FIFO within a priority
+        ([cand("a", 1), cand("b", 2), cand("c", 3)], 2, ["a", "b"]),
+        # aging: a low task that waited 3 minutes beats a fresh high one (0 + 3 > 2)
+        (
+            [cand("old-low", 1, Priority.LOW, waited=181), cand("new-high", 2, Priority.HIGH)],
+            1,
+            ["old-low"],
+        ),
+        # ...but not one that waited one minute (0 + 1 < 2)
+        ([cand("low", 1, Priority.LOW, waited=60), cand("high", 2, Priority.HIGH)], 1, ["high"]),
+        # no free slot: nothing assigned
+        ([cand("a", 1)], 0, []),
+    ],
+)
+def test_order(
+    cands: list[scheduling.Candidate], free_slots: int, expected_order: list[str]
+) -> None:
+    workers = [slot("w", max_jobs=max(free_slots, 1), running=0 if free_slots else 1)]
+    got = scheduling.plan(by_class(*cands), workers, NOW, POLICY)
+    assert [a.task_id for a in got] == expected_order
+
+
+@pytest.mark.parametrize(
+    ("req", "workers", "expected_worker"),
+    [
+        ({}, [slot("a", 2, running=1), slot("b", 2)], "b"),  # least loaded first
+        ({}, [slot("a", 4, running=1), slot("b", 2, running=1)], "a"),  # load is a ratio
+        ({"gpu": True}, [slot("cpu"), slot("gpu", gpu=True)], "gpu"),
+        ({"cpu_cores": 8}, [slot("small", cpu=4), slot("big", cpu=16)], "big"),
+        ({"memory_mb": 9000}, [slot("small"), slot("big", mem=16384)], "big"),
+        (
+            {"labels": {"zone": "eu"}},
+            [slot("us", labels={"zone": "us"}), slot("eu", labels={"zone": "eu", "x": "y"})],
+            "eu",
+        ),
+        ({"cpu_cores": 2}, [slot("busy", 4, running=1, cpu_used=3.0), slot("free", 4)], "free"),
+        ({"gpu": True}, [slot("cpu")], None),
+        ({"cpu_cores": 2}, [slot("full", 4, running=1, cpu_used=3.0)], None),
+    ],
+)
+def test_resource_fit(
+    req: dict[str, object], workers: list[scheduling.WorkerSlot], expected_worker: str | None
+) -> None:
+    got = scheduling.plan(by_class(cand("t", 1, **req)), workers, NOW, POLICY)
+    assert [a.worker_id for a in got] == ([expected_worker] if expected_worker else [])
+
+
+def test_never_exceeds_max_jobs_or_cpu() -> None:
+    workers = [slot("a", max_jobs=3, cpu=4), slot("b", max_jobs=1, cpu=4)]
+    cands = [cand(f"t{i}", i, cpu_cores=1.5) for i in range(10)]
+    got = scheduling.plan(by_class(*cands), workers, NOW, POLICY)
+    per = {w.id: sum(1 for a in got if a.worker_id == w.id) for w in workers}
+    assert per == {"a": 2, "b": 1}  # a: 3 jobs allowed but only 4 cores -> 2 x 1.5
+    assert workers[0].cpu_used == 3.0 and workers[0].running == 2
+
+
+def test_blocked_head_does_not_block_others() -> None:
+    """A task that does not fit now is skipped; smaller ones behind it still run."""
+    cands = [cand("huge", 1, cpu_cores=64), cand("small", 2)]
+    got = scheduling.plan(by_class(*cands), [slot("w", cpu=4)], NOW, POLICY)
+    assert [a.task_id for a in got] == ["small"]
+
+
+def test_draining_worker_gets_nothing() -> None:
+    w = slot("w", 4)
+    w.accepting = False
+    assert scheduling.plan(by_class(cand("t", 1)), [w], NOW, POLICY) == []
+
+
+@pytest.mark.parametrize(
+    ("req", "caps", "expected"),
+    [
+        ({}, [], "no worker is connected"),
+        ({}, [Resources(cpu_cores=1, memory_mb=1)], None),
+        ({"gpu": True}, [Resources(cpu_cores=1, memory_mb=1)], "needs a GPU"),
+        ({"cpu_cores": 32}, [Resources(cpu_cores=4, memory_mb=1)], "largest worker has 4"),
+        ({"memory_mb": 999}, [Resources(cpu_cores=4, memory_mb=10)], "largest worker has 10"),
+        ({"labels": {"os": "mac"}}, [Resources(cpu_cores=4, memory_mb=10)], "needs label os=mac"),
+        # each need is met by some worker, but no single worker meets all of them
+        (
+            {"gpu": True, "cpu_cores": 8},
+            [Resources(cpu_cores=2, memory_mb=1, gpu=True), Resources(cpu_cores=8, memory_mb=1)],
+            "no single connected worker",
+        ),
+    ],
+)
+def test_unfit_reason(req: dict[str, object], caps: list[Resources], expected: str | None) -> None:
+    reason = scheduling.unfit_reason(Requirements(**req), caps)  # type: ignore[arg-type]
+    if expected is None:
+        assert reason is None
+    else:
+        assert reason is not None and expected in reason
+
+
+@pytest.mark.parametrize(
+    ("failures", "delay"), [(1, 1.0), (2, 2.0), (3, 4.0), (9, 256.0), (10, 300.0), (1000, 300.0)]
+)
+def test_retry_backoff(failures: int, delay: float) -> None:
+    assert scheduling.retry_delay(failures, POLICY) == delay
+
+
+@pytest.mark.parametrize(
+    ("status", "attempts", "lost", "retries", "expected_status", "retry_in"),
+    [
+        (TaskStatus.COMPLETED, 1, 0, 3, TaskStatus.COMPLETED, None),
+        (TaskStatus.FAILED, 1, 0, 0, TaskStatus.FAILED, None),
+        (TaskStatus.FAILED, 1, 0, 2, TaskStatus.QUEUED, 1.0),
+        (TaskStatus.FAILED, 2, 0, 2, TaskStatus.QUEUED, 2.0),
+        (TaskStatus.FAILED, 3, 0, 2, TaskStatus.FAILED, None),
+        (TaskStatus.TIMED_OUT, 1, 0, 1, TaskStatus.QUEUED, 1.0),
+        # a run lost with its worker does not use up a retry
+        (TaskStatus.FAILED, 2, 1, 1, TaskStatus.QUEUED, 1.0),
+        (TaskStatus.CANCELLED, 1, 0, 5, TaskStatus.CANCELLED, None),
+    ],
+)
+def test_after_run(
+    status: TaskStatus,
+    attempts: int,
+    lost: int,
+    retries: int,
+    expected_status: TaskStatus,
+    retry_in: float | None,
+) -> None:
+    out = scheduling.after_run(
+        status=status,
+        attempts=attempts,
+        lost_count=lost,
+        retry_count=retries,
+        now=NOW,
+        policy=POLICY,
+    )
+    assert out.status == expected_status
+    assert out.not_before == (None if retry_in is None else NOW + retry_in)
+
+
+def test_after_lost_gives_up_eventually() -> None:
+    assert scheduling.after_lost(lost_count=1, policy=POLICY).status == TaskStatus.QUEUED
+    final = scheduling.after_lost(lost_count=POLICY.max_lost, policy=POLICY)
+    assert final.status == TaskStatus.FAILED and final.error and "lost" in final.error
+
+
+def test_low_priority_never_starves() -> None:
+    """A steady stream of fresh high-priority work cannot hold back an old low task forever."""
+    low = cand("low", 0, Priority.LOW)
+    now = NOW
+    for step in range(1, 1000):
+        now += 1.0
+        fresh = scheduling.Candidate(f"h{step}", step, Priority.HIGH, now, Requirements())
+        cands = {Priority.LOW: [low], Priority.HIGH: [fresh]}
+        got = scheduling.plan(cands, [slot("w")], now, POLICY)
+        if got[0].task_id == "low":
+            break
+    else:
+        pytest.fail("the low-priority task never ran")
+    assert step <= 2 * POLICY.aging_seconds + 1
+
+
+def test_priority_parse() -> None:
+    assert models.Priority.parse("HIGH") is Priority.HIGH
+    assert models.Priority.parse(3) is Priority.CRITICAL
+    for bad in ("urgent", 7, True, None, 1.5):
+        with pytest.raises(ValueError):
+            models.Priority.parse(bad)
