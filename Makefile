@@ -4,6 +4,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+PYZ    ?= dist/octaskly.pyz
 
 .PHONY: dev venv test lint typecheck unit pyz clean
 
@@ -35,10 +36,10 @@ unit: $(STAMP)
 
 ## pyz: the single-file zipapp dist/octaskly.pyz (shiv, reproducible)
 pyz: $(STAMP)
-	mkdir -p dist
-	$(BIN)/shiv --reproducible --compressed -c octaskly -o dist/octaskly.pyz \
+	mkdir -p $(dir $(PYZ))
+	$(BIN)/shiv --reproducible --compressed -c octaskly -o $(PYZ) \
 		-p '/usr/bin/env python3' .
-	@echo "built dist/octaskly.pyz ($$(du -h dist/octaskly.pyz | cut -f1))"
+	@echo "built $(PYZ) ($$(du -h $(PYZ) | cut -f1))"
 
 clean:
 	rm -rf dist build *.egg-info .mypy_cache .ruff_cache .pytest_cache

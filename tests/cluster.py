@@ -67,7 +67,7 @@ class Cluster:
         return worker
 
     async def stop_worker(self, name: str) -> None:
-        worker, task = self.workers.pop(name)
+        _worker, task = self.workers.pop(name)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task

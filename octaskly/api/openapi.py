@@ -225,7 +225,7 @@ def _task_paths() -> dict[str, Any]:
         },
         "/api/v1/tasks/{task_id}/logs": {
             "get": {
-                "summary": "stdout and stderr; with follow=true an NDJSON stream until the task ends",
+                "summary": "stdout and stderr; follow=true streams NDJSON until the task ends",
                 "parameters": [
                     _task_id_param(),
                     {"name": "follow", "in": "query", "schema": {"type": "boolean"}},

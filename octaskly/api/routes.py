@@ -202,7 +202,7 @@ async def list_tasks(request: web.Request) -> web.Response:
         raise HTTPProblem(400, "worker_id: must be 1-128 characters", field="worker_id")
     limit = _int_param(request, "limit", 100, 1, 1000)
     offset = _int_param(request, "offset", 0, 0, 1 << 62)
-    page = await _dispatcher(request).list(
+    page = await _dispatcher(request).list_tasks(
         status=status, worker_id=worker_id, owner=_owner(request), limit=limit, offset=offset
     )
     return _json(

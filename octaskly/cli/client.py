@@ -45,7 +45,7 @@ class Client:
         for key, value in (headers or {}).items():
             req.add_header(key, value)
         try:
-            return urllib.request.urlopen(req, timeout=timeout or self.timeout)  # noqa: S310
+            return urllib.request.urlopen(req, timeout=timeout or self.timeout)
         except urllib.error.HTTPError as exc:
             raise APIError(exc.code, _error_message(exc)) from None
         except (urllib.error.URLError, OSError) as exc:

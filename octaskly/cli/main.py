@@ -11,7 +11,7 @@ from pathlib import Path
 
 from octaskly import __version__, errors
 from octaskly.cli import logsetup
-from octaskly.config import loading, settings as config_settings, template
+from octaskly.config import loading, template
 
 log = logging.getLogger("octaskly")
 
@@ -200,17 +200,19 @@ def _config_command(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from octaskly.cli import remote, serving
-
     if args.kind.startswith("config-"):
         return _config_command(args)
     if args.kind == "client":
+        from octaskly.cli import remote
+
         settings = _load(args).settings
         return remote.run(
             args,
             api_url=settings.api.api_url,
             token=settings.api.token.get_secret_value() if settings.api.token else None,
         )
+    from octaskly.cli import serving
+
     if args.kind == "dev":
         if args.workers < 0 or args.workers > 64:
             raise errors.ConfigError("--workers must be between 0 and 64")

@@ -99,7 +99,20 @@ class RunningDispatcher:
         await self.p2p.wait_closed()
 
 
+def _refuse_unavailable(settings: config_settings.Settings) -> None:
+    """Settings of features this version does not have yet fail loudly, never silently."""
+    unavailable = {
+        "db_url (PostgreSQL)": settings.storage.db_url is not None,
+        "role = standby": settings.dispatcher.role == "standby",
+        "tls_cert/tls_key (HTTPS API)": settings.api.tls_cert is not None,
+    }
+    for what, requested in unavailable.items():
+        if requested:
+            raise errors.ConfigError(f"{what} is not supported by this version of octaskly yet")
+
+
 async def start_dispatcher(settings: config_settings.Settings) -> RunningDispatcher:
+    _refuse_unavailable(settings)
     data_dir = settings.data_dir()
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     secret = ensure_secret(settings, data_dir)
@@ -237,8 +250,12 @@ def self_command() -> list[str]:
 async def run_dev(settings: config_settings.Settings, workers: int) -> int:
     running = await start_dispatcher(settings)
     data_dir = settings.data_dir()
-    env = {k: v for k, v in os.environ.items() if k != "OCTASKLY_SECRET_KEY"}
-    env["OCTASKLY_SECRET_KEY_FILE"] = str(settings.secret_file_or(data_dir / SECRET_FILE))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OCTASKLY_SECRET_KEY")}
+    if settings.security.secret_key is not None:
+        # given inline: hand it to the workers through the environment, never argv
+        env["OCTASKLY_SECRET_KEY"] = settings.security.secret_key.get_secret_value()
+    else:
+        env["OCTASKLY_SECRET_KEY_FILE"] = str(settings.secret_file_or(data_dir / SECRET_FILE))
     procs = []
     for i in range(1, workers + 1):
         cmd = [

@@ -219,7 +219,7 @@ class Dispatcher:
             return "waiting to retry after a failure"
         return scheduling.unfit_reason(task.spec.requirements, self.peers.capacities())
 
-    async def list(
+    async def list_tasks(
         self,
         *,
         status: models.TaskStatus | None = None,

@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from octaskly import __version__, errors, executing
 from octaskly.domain import models
@@ -25,6 +25,7 @@ from octaskly.transport import tcp
 log = logging.getLogger(__name__)
 FLUSH_SECONDS = 0.05
 FLUSH_BYTES = 64 * 1024
+_M = TypeVar("_M")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,7 +154,7 @@ class Worker:
             raise FatalWorkerError("the dispatcher could not prove it has the cluster secret key")
         return welcome
 
-    async def _expect(self, conn: transport.Connection, kind: type[Any], timeout: float) -> Any:
+    async def _expect(self, conn: transport.Connection, kind: type[_M], timeout: float) -> _M:
         raw = await asyncio.wait_for(conn.recv(), timeout)
         if raw is None:
             raise ConnectionError("dispatcher closed the connection during the handshake")
@@ -293,7 +294,7 @@ class Worker:
                     stream=stream,
                     data="".join(parts),
                 )
-            )  # type: ignore[arg-type]
+            )
 
     def _send_nowait(self, message: messages._Message) -> None:
         conn = self._conn

@@ -179,9 +179,9 @@ async def test_max_jobs_is_respected(cluster: Cluster) -> None:
         for _ in range(5)
     ]
     await until(lambda: len(cluster.dispatcher.runs) == 2, what="two running")
-    status, body = await cluster.api("GET", "/api/v1/workers")
+    _, body = await cluster.api("GET", "/api/v1/workers")
     assert body["workers"][0]["current_jobs"] == 2 and body["workers"][0]["max_jobs"] == 2
-    status, page = await cluster.api("GET", "/api/v1/tasks?status=running")
+    _status, page = await cluster.api("GET", "/api/v1/tasks?status=running")
     assert page["total"] == 2
     gate.touch()
     for task_id in ids:

@@ -17,7 +17,7 @@ def ids(q: queueing.TaskQueue, prio: Priority = Priority.NORMAL, limit: int = 10
 def drained(q: queueing.TaskQueue) -> queueing.TaskQueue:
     """A queue that has learnt the disk holds nothing more (as after a first refill)."""
     for p in Priority:
-        after, pushes = q.refill_cursor(p)
+        _after, pushes = q.refill_cursor(p)
         q.refill(p, [], limit=10, pushes=pushes, now=0.0)
     return q
 
@@ -57,11 +57,11 @@ def test_overflow_goes_to_disk_and_comes_back_in_order() -> None:
 def test_push_during_refill_keeps_disk_flag() -> None:
     """A submit committed while a refill read was in flight must not be forgotten."""
     q = queueing.TaskQueue(window=4)
-    after, pushes = q.refill_cursor(Priority.NORMAL)
+    _, pushes = q.refill_cursor(Priority.NORMAL)
     q.push_new(ref(1))  # lands while the read (which did not see it) is in flight
     q.refill(Priority.NORMAL, [], limit=4, pushes=pushes, now=0.0)
     assert q.needs_refill(Priority.NORMAL)
-    after, pushes = q.refill_cursor(Priority.NORMAL)
+    _after, pushes = q.refill_cursor(Priority.NORMAL)
     q.refill(Priority.NORMAL, [ref(1)], limit=4, pushes=pushes, now=0.0)
     assert ids(q) == ["t1"]
 
@@ -69,7 +69,7 @@ def test_push_during_refill_keeps_disk_flag() -> None:
 def test_refill_skips_rows_already_in_memory() -> None:
     q = queueing.TaskQueue(window=4)
     q.requeue(ref(2))
-    after, pushes = q.refill_cursor(Priority.NORMAL)
+    _after, pushes = q.refill_cursor(Priority.NORMAL)
     q.refill(Priority.NORMAL, [ref(1), ref(2), ref(3)], limit=10, pushes=pushes, now=0.0)
     assert ids(q) == ["t1", "t2", "t3"]
 
@@ -114,7 +114,7 @@ def test_cancelled_delayed_task_never_comes_back() -> None:
 
 def test_refill_delays_rows_waiting_to_retry() -> None:
     q = queueing.TaskQueue(window=10)
-    after, pushes = q.refill_cursor(Priority.NORMAL)
+    _after, pushes = q.refill_cursor(Priority.NORMAL)
     q.refill(
         Priority.NORMAL,
         [ref(1), ref(2)],

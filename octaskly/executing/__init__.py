@@ -1,0 +1,44 @@
+"""Running one task's shell command on a worker.
+
+An :class:`Execution` runs ``/bin/sh -c COMMAND`` in its own session and process group,
+with stdin from /dev/null and a fresh working directory, streams its output while it runs
+and returns an :class:`ExecResult`. Whatever happens, no process of the group outlives the
+run: on timeout or cancel the group gets SIGTERM, then SIGKILL after a grace period; after
+a normal exit, background processes left in the group are killed. Only a process that
+left the group (``setsid``) can survive, and then reading its output stops after a short
+drain so that ``run()`` never hangs on it.
+
+Resource limits are set by util-linux ``prlimit`` (or, without it, a tiny Python shim)
+that execs the shell, not by ``preexec_fn``: nothing runs between fork and exec in a
+process that has threads. :func:`install_fast_child_watcher` makes Python 3.11 reap
+children through pidfds, as 3.12 does by default.
+
+Modules: ``running`` (the execution), ``tails`` (the bounded output buffer, pure),
+``watching`` (the child watcher).
+"""
+
+from octaskly.executing.running import (
+    DRAIN_SECONDS,
+    KILL_GRACE_SECONDS,
+    PRIVATE_ENV_PREFIX,
+    ExecRequest,
+    ExecResult,
+    Execution,
+    OutputCallback,
+    Status,
+)
+from octaskly.executing.tails import TailBuffer
+from octaskly.executing.watching import install_fast_child_watcher
+
+__all__ = [
+    "DRAIN_SECONDS",
+    "KILL_GRACE_SECONDS",
+    "PRIVATE_ENV_PREFIX",
+    "ExecRequest",
+    "ExecResult",
+    "Execution",
+    "OutputCallback",
+    "Status",
+    "TailBuffer",
+    "install_fast_child_watcher",
+]

@@ -1,0 +1,416 @@
+"""Running one task's shell command: the Execution, its request and its result."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import logging
+import os
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Literal
+
+from octaskly.executing import tails
+
+log = logging.getLogger(__name__)
+
+SHELL = "/bin/sh"
+#: Seconds between SIGTERM and SIGKILL when a run times out or is cancelled.
+KILL_GRACE_SECONDS = 2.0
+#: Seconds to keep reading output after the shell exited and its group was killed.
+DRAIN_SECONDS = 0.5
+#: Environment variables with this prefix (any case) are the worker's own and never
+#: reach a task: OCTASKLY_SECRET_KEY lives there.
+PRIVATE_ENV_PREFIX = "OCTASKLY_"
+
+Status = Literal["completed", "failed", "timed_out", "cancelled"]
+OutputCallback = Callable[[str, bytes], None]
+"""``(stream, chunk)`` with stream ``"stdout"`` or ``"stderr"``; called on the event loop
+for every chunk read, so it must be quick (append to a queue, nothing more)."""
+
+_STREAMS = {1: "stdout", 2: "stderr"}
+_RLIMIT_OPTIONS: dict[int, str] = {
+    getattr(resource, "RLIMIT_" + name.upper()): name
+    for name in (
+        "as cpu core data fsize locks memlock msgqueue nice nofile nproc rss rtprio "
+        "rttime sigpending stack"
+    ).split()
+    if hasattr(resource, "RLIMIT_" + name.upper())
+}
+# Signals the kernel sends on an rlimit breach, with the limit that sent them.
+_LIMIT_SIGNALS: dict[int, tuple[int, str]] = {
+    signal.SIGXCPU: (resource.RLIMIT_CPU, "CPU time limit exceeded"),
+    signal.SIGXFSZ: (resource.RLIMIT_FSIZE, "file size limit exceeded"),
+}
+_EXIT_HINTS = {126: "command not executable", 127: "command not found"}
+# Fallback when util-linux's prlimit is missing: set the limits in a fresh interpreter,
+# then exec the shell (fork-safe, unlike preexec_fn, but ~20 ms slower per spawn).
+_SETRLIMIT_SHIM = (
+    "import os, resource, signal, sys\n"
+    "for spec in sys.argv[1:-1]:\n"
+    "    r, soft, hard = map(int, spec.split(':'))\n"
+    "    resource.setrlimit(r, (soft, hard))\n"
+    # Python ignores these at startup and exec keeps ignored signals ignored.
+    "signal.signal(signal.SIGPIPE, signal.SIG_DFL)\n"
+    "signal.signal(signal.SIGXFSZ, signal.SIG_DFL)\n"
+    f"os.execv({SHELL!r}, [{SHELL!r}, '-c', sys.argv[-1]])\n"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecRequest:
+    """One attempt of one task: what to run, where, and within which limits.
+
+    ``env`` is applied on top of the worker's base environment; ``timeout`` is wall-clock
+    seconds; ``output_limit`` is how many bytes of the tail of each stream are kept;
+    ``rlimits`` maps ``resource.RLIMIT_*`` to ``(soft, hard)`` limits set in the child.
+    """
+
+    task_id: str
+    attempt: int
+    command: str
+    env: Mapping[str, str]
+    timeout: float
+    workdir_root: Path
+    output_limit: int = 1 << 20
+    rlimits: Mapping[int, tuple[int, int]] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.timeout > 0:
+            raise ValueError(f"timeout must be positive, got {self.timeout}")
+        if self.output_limit < 0:
+            raise ValueError(f"output_limit must be >= 0, got {self.output_limit}")
+        unknown = sorted(set(self.rlimits) - set(_RLIMIT_OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown resource limits: {unknown}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecResult:
+    """How a run ended.
+
+    ``exit_code`` is the shell's exit status, 128+N after death by signal N, None when the
+    command never ran. ``stdout``/``stderr`` are the kept tails decoded as UTF-8 (invalid
+    bytes become U+FFFD); ``*_dropped`` count the bytes cut from their heads. ``error``
+    says why a run did not complete ("exit status 3", "timed out after 5s", ...).
+    """
+
+    status: Status
+    exit_code: int | None
+    duration_ms: int
+    stdout: str
+    stderr: str
+    stdout_dropped: int
+    stderr_dropped: int
+    error: str | None
+
+
+class Execution:
+    """One run of a task's command: create it, ``await run()``, ``cancel()`` at any time.
+
+    ``base_env`` defaults to ``os.environ`` (read when the run starts). ``kill_grace`` and
+    ``drain_timeout`` default to :data:`KILL_GRACE_SECONDS` and :data:`DRAIN_SECONDS`.
+    Use it from one event loop thread; it runs once.
+    """
+
+    def __init__(
+        self,
+        request: ExecRequest,
+        *,
+        on_output: OutputCallback | None = None,
+        base_env: Mapping[str, str] | None = None,
+        kill_grace: float = KILL_GRACE_SECONDS,
+        drain_timeout: float = DRAIN_SECONDS,
+    ) -> None:
+        self.request = request
+        self._on_output = on_output
+        self._base_env = base_env
+        self._kill_grace = kill_grace
+        self._drain_timeout = drain_timeout
+        self._started = False
+        self._cancel_requested = False
+        self._wakeup: asyncio.Future[None] | None = None
+        self._pid: int | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The shell's pid (also its process group and session id) once it was spawned."""
+        return self._pid
+
+    def cancel(self) -> None:
+        """Stop the run: kill its process group; ``run()`` then returns "cancelled".
+
+        Idempotent; before ``run()`` it makes the run return at once without spawning.
+        """
+        self._cancel_requested = True
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    async def run(self) -> ExecResult:
+        """Run the command to its end; task failures are results, never exceptions."""
+        if self._started:
+            raise RuntimeError("an Execution runs only once")
+        self._started = True
+        if self._cancel_requested:
+            return _not_run("cancelled", "cancelled")
+        self._wakeup = asyncio.get_running_loop().create_future()
+        try:
+            workdir = _make_workdir(self.request)
+        except OSError as exc:
+            return _not_run("failed", f"could not start: cannot create a workdir: {exc}")
+        try:
+            return await self._run_in(workdir)
+        finally:
+            await _remove_workdir(workdir)
+
+    async def _run_in(self, workdir: Path) -> ExecResult:
+        request, loop = self.request, asyncio.get_running_loop()
+        buffers = {name: tails.TailBuffer(request.output_limit) for name in _STREAMS.values()}
+        protocol = _Protocol(loop, buffers, self._on_output, request.task_id)
+        env = _task_env(request, os.environ if self._base_env is None else self._base_env, workdir)
+        started = time.monotonic()
+        try:
+            transport, _ = await loop.subprocess_exec(
+                lambda: protocol,
+                *_argv(request.command, request.rlimits),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=workdir,
+                env=env,
+                start_new_session=True,  # own session and group: killpg reaches every child
+            )
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            return _not_run("failed", f"could not start: {exc}")
+        self._pid = pgid = transport.get_pid()
+        log.debug("task %s attempt %d: pid %d", request.task_id, request.attempt, pgid)
+        try:
+            try:
+                stopped = await self._supervise(pgid, protocol)
+                duration_ms = int((time.monotonic() - started) * 1000)
+            finally:
+                # Background processes the shell left (or all of them, if run() itself
+                # was cancelled): nothing of the group outlives the run.
+                _signal_group(pgid, signal.SIGKILL)
+            await self._drain(protocol)
+        finally:
+            transport.close()
+        returncode = transport.get_returncode()
+        assert returncode is not None  # _supervise returns only after the exit
+        return self._result(stopped, returncode, duration_ms, buffers)
+
+    async def _supervise(self, pgid: int, protocol: _Protocol) -> Status | None:
+        """Wait for the exit, the timeout or cancel(); returns why we stopped it, if we did."""
+        assert self._wakeup is not None
+        await asyncio.wait(
+            (protocol.exited, self._wakeup),
+            timeout=self.request.timeout,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        if protocol.exited.done():
+            return None
+        reason: Status = "cancelled" if self._wakeup.done() else "timed_out"
+        log.debug("task %s: %s, stopping group %d", self.request.task_id, reason, pgid)
+        _signal_group(pgid, signal.SIGTERM)
+        await asyncio.wait((protocol.exited,), timeout=self._kill_grace)
+        _signal_group(pgid, signal.SIGKILL)
+        await protocol.exited
+        return reason
+
+    async def _drain(self, protocol: _Protocol) -> None:
+        """Read what is left in the pipes, but not forever: an escaped process may hold them."""
+        await asyncio.wait((protocol.pipes_closed,), timeout=self._drain_timeout)
+        if not protocol.pipes_closed.done():
+            log.warning(
+                "task %s: a process outside its group still holds its output; stopped reading",
+                self.request.task_id,
+            )
+
+    def _result(
+        self,
+        stopped: Status | None,
+        returncode: int,
+        duration_ms: int,
+        buffers: dict[str, tails.TailBuffer],
+    ) -> ExecResult:
+        stdout, stdout_dropped = buffers["stdout"].text()
+        stderr, stderr_dropped = buffers["stderr"].text()
+        status: Status
+        if stopped == "timed_out":
+            status, error = stopped, f"timed out after {self.request.timeout:g}s"
+        elif stopped == "cancelled":
+            status, error = stopped, "cancelled"
+        elif returncode == 0:
+            status, error = "completed", None
+        else:
+            status, error = "failed", _describe_exit(returncode, self.request.rlimits)
+        return ExecResult(
+            status=status,
+            exit_code=returncode if returncode >= 0 else 128 - returncode,
+            duration_ms=duration_ms,
+            stdout=stdout,
+            stderr=stderr,
+            stdout_dropped=stdout_dropped,
+            stderr_dropped=stderr_dropped,
+            error=error,
+        )
+
+
+class _Protocol(asyncio.SubprocessProtocol):
+    """Feeds output into the tail buffers and the callback; tells when the shell exited.
+
+    The exit is reported by the child watcher, independently of the pipes: on 3.11,
+    ``Process.wait()`` also waits for the pipes, which orphans can hold open forever.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        buffers: dict[str, tails.TailBuffer],
+        on_output: OutputCallback | None,
+        task_id: str,
+    ) -> None:
+        self.exited: asyncio.Future[None] = loop.create_future()
+        self.pipes_closed: asyncio.Future[None] = loop.create_future()
+        self._open = set(_STREAMS)
+        self._buffers = buffers
+        self._on_output = on_output
+        self._task_id = task_id
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        stream = _STREAMS[fd]
+        self._buffers[stream].feed(data)
+        if self._on_output is not None:
+            try:
+                self._on_output(stream, data)
+            except Exception:  # a broken consumer must not break the run
+                log.exception("task %s: output callback failed; not streaming", self._task_id)
+                self._on_output = None
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        self._open.discard(fd)
+        if not self._open and not self.pipes_closed.done():
+            self.pipes_closed.set_result(None)
+
+    def process_exited(self) -> None:
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+
+def _not_run(status: Status, error: str) -> ExecResult:
+    return ExecResult(
+        status=status,
+        exit_code=None,
+        duration_ms=0,
+        stdout="",
+        stderr="",
+        stdout_dropped=0,
+        stderr_dropped=0,
+        error=error,
+    )
+
+
+def _make_workdir(request: ExecRequest) -> Path:
+    root = os.path.abspath(request.workdir_root)
+    safe_id = re.sub(r"[^A-Za-z0-9_.-]", "_", request.task_id)[:64]
+    prefix = f"octaskly-{safe_id}-{request.attempt}-"
+    try:
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+    except FileNotFoundError:  # first run with this root
+        os.makedirs(root, mode=0o700, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+
+
+async def _remove_workdir(path: Path) -> None:
+    try:
+        os.rmdir(path)  # the common case, an empty workdir, costs one syscall
+    except OSError:
+        # In a thread: a task may leave a large tree behind; the loop must not stall.
+        await asyncio.to_thread(_remove_tree, path)
+
+
+def _remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    if not os.path.lexists(path):
+        return
+    # Without root, directories the task made unreadable or read-only block the removal.
+    for dirpath, dirnames, _ in os.walk(path):
+        for name in dirnames:
+            child = os.path.join(dirpath, name)
+            if not os.path.islink(child):
+                with contextlib.suppress(OSError):
+                    os.chmod(child, 0o700)
+    shutil.rmtree(path, ignore_errors=True)
+    if os.path.lexists(path):
+        log.warning("could not remove the task workdir %s", path)
+
+
+def _task_env(request: ExecRequest, base_env: Mapping[str, str], workdir: Path) -> dict[str, str]:
+    env = {k: v for k, v in base_env.items() if not k.upper().startswith(PRIVATE_ENV_PREFIX)}
+    env.update(request.env)
+    env["OCTASKLY_TASK_ID"] = request.task_id
+    env["OCTASKLY_ATTEMPT"] = str(request.attempt)
+    env["OCTASKLY_WORKDIR"] = str(workdir)
+    return env
+
+
+def _argv(command: str, rlimits: Mapping[int, tuple[int, int]]) -> list[str]:
+    """The argv that runs ``command`` with ``rlimits`` set in the child.
+
+    Limits are set by a wrapper that then execs the shell (same pid), rather than by
+    ``preexec_fn``, which runs Python between fork and exec and can deadlock in a threaded
+    process (3.11's default child watcher starts threads) and rules out vfork.
+    """
+    if not rlimits:
+        return [SHELL, "-c", command]
+    prlimit = _find_prlimit()
+    if prlimit is not None:
+        options = [
+            f"--{_RLIMIT_OPTIONS[r]}={_prlimit_value(soft)}:{_prlimit_value(hard)}"
+            for r, (soft, hard) in sorted(rlimits.items())
+        ]
+        return [prlimit, *options, "--", SHELL, "-c", command]
+    specs = [f"{r}:{soft}:{hard}" for r, (soft, hard) in sorted(rlimits.items())]
+    return [sys.executable, "-I", "-S", "-c", _SETRLIMIT_SHIM, *specs, command]
+
+
+@functools.cache
+def _find_prlimit() -> str | None:
+    return shutil.which("prlimit") or shutil.which("prlimit", path="/usr/bin:/bin")
+
+
+def _prlimit_value(value: int) -> str:
+    return "unlimited" if value == resource.RLIM_INFINITY else str(value)
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    # A group id is not reused while any member (zombies too) exists; once the group is
+    # empty, reuse would need the pid counter to wrap between the shell's exit and here.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _describe_exit(returncode: int, rlimits: Mapping[int, tuple[int, int]]) -> str:
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = str(-returncode)
+        limit = _LIMIT_SIGNALS.get(-returncode)
+        return f"killed by signal {name}" + (f" ({limit[1]})" if limit else "")
+    hint = _EXIT_HINTS.get(returncode)
+    # The shell reports a child killed by signal N as 128+N; name the limit that we set.
+    limit = _LIMIT_SIGNALS.get(returncode - 128)
+    if limit is not None and limit[0] in rlimits:
+        hint = limit[1]
+    return f"exit status {returncode}" + (f" ({hint})" if hint else "")

@@ -1,0 +1,131 @@
+"""Helpers for end-to-end tests: octaskly processes on free ports, polled with deadlines."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+OCTASKLY = [sys.executable, "-m", "octaskly"]
+SECRET = "e2e-test-secret-key-0123456789"
+
+
+def free_port() -> int:
+    """A port free for both TCP and UDP (the P2P port is shared by TCP and QUIC)."""
+    while True:
+        with socket.socket() as tcp_sock:
+            tcp_sock.bind(("127.0.0.1", 0))
+            port = int(tcp_sock.getsockname()[1])
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                udp.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return port
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OCTASKLY_") and k != "RUST_LOG"}
+    env["HOME"] = extra.pop("HOME", env.get("HOME", "/root"))
+    env.update(extra)
+    return env
+
+
+def start(
+    args: Sequence[str], *, cwd: Path, env: dict[str, str] | None = None, log: Path | None = None
+) -> subprocess.Popen[bytes]:
+    out = open(log or cwd / f"{args[0]}-{time.monotonic_ns()}.log", "wb")  # noqa: SIM115
+    return subprocess.Popen(
+        [*OCTASKLY, *args],
+        cwd=cwd,
+        env=env or clean_env(),
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def run(
+    args: Sequence[str],
+    *,
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    timeout: float = 60,
+    input_text: str | None = None,
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*OCTASKLY, *args],
+        cwd=cwd,
+        env=env or clean_env(),
+        text=True,
+        capture_output=True,
+        timeout=timeout,
+        input=input_text,
+    )
+
+
+def http(method: str, url: str, body: Any = None) -> tuple[int, Any]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+
+
+def wait_healthy(
+    api: str, proc: subprocess.Popen[bytes] | None = None, timeout: float = 30
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process exited early with {proc.returncode}")
+        with contextlib.suppress(OSError, ValueError):
+            if http("GET", f"{api}/health")[0] == 200:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"{api} never became healthy")
+
+
+def wait_for(predicate: Any, *, timeout: float = 30, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
+@contextlib.contextmanager
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Collects processes and makes sure none outlives the test."""
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        yield procs
+    finally:
+        for proc in procs:
+            stop(proc, signal.SIGKILL)

@@ -1,0 +1,97 @@
+"""The tail buffer that keeps the last bytes of a task's output stream."""
+
+from __future__ import annotations
+
+import pytest
+
+from octaskly.executing import tails
+
+
+@pytest.mark.parametrize(
+    ("limit", "chunks", "kept", "dropped"),
+    [
+        (10, [], b"", 0),
+        (10, [b""], b"", 0),
+        (10, [b"0123456789"], b"0123456789", 0),  # exactly the limit
+        (10, [b"0123456789A"], b"123456789A", 1),  # one over
+        (10, [b"01234", b"56789"], b"0123456789", 0),
+        (10, [b"01234", b"56789", b"A"], b"123456789A", 1),
+        (10, [b"0123456789ABCDEF"], b"6789ABCDEF", 6),  # one chunk bigger than the limit
+        (10, [b"xy", b"0123456789ABC"], b"3456789ABC", 5),  # ... on top of kept bytes
+        (10, [b"xy", b"0123456789"], b"0123456789", 2),  # ... exactly the limit
+        (10, [b"0123456789", b"", b"A"], b"123456789A", 1),
+        (3, [b"a", b"b", b"c", b"d", b"e", b"f", b"g"], b"efg", 4),
+        (0, [b"abc", b"de"], b"", 5),  # keep nothing, count everything
+        (1, [b"abc", b"d"], b"d", 3),
+    ],
+)
+def test_keeps_the_last_limit_bytes_and_counts_the_rest(
+    limit: int, chunks: list[bytes], kept: bytes, dropped: int
+) -> None:
+    buffer = tails.TailBuffer(limit)
+    for chunk in chunks:
+        buffer.feed(chunk)
+    assert buffer.getvalue() == kept
+    assert buffer.dropped == dropped
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 3, 7, 64, 999, 1000, 1001, 5000])
+def test_result_does_not_depend_on_how_the_stream_was_chunked(chunk_size: int) -> None:
+    data = bytes(range(256)) * 12
+    buffer = tails.TailBuffer(1000)
+    for start in range(0, len(data), chunk_size):
+        buffer.feed(data[start : start + chunk_size])
+    assert buffer.getvalue() == data[-1000:]
+    assert buffer.dropped == len(data) - 1000
+
+
+@pytest.mark.parametrize(
+    ("limit", "data", "text", "dropped"),
+    [
+        # nothing cut: plain decoding
+        (10, "aé", "aé", 0),
+        # cut inside a 2-byte character: its continuation byte goes too
+        (1, "aé", "", 3),
+        (2, "aé", "é", 1),
+        # cut inside a 3-byte character (€ = e2 82 ac)
+        (2, "x€", "", 4),
+        (3, "x€", "€", 1),
+        (4, "x€y", "€y", 1),
+        (3, "x€y", "y", 4),
+        # cut inside a 4-byte character (😀 = f0 9f 98 80)
+        (4, "ab😀", "😀", 2),
+        (3, "ab😀", "", 6),
+        (4, "😀z", "z", 4),
+        (5, "ab😀", "b😀", 1),
+    ],
+)
+def test_text_never_starts_with_a_torn_character(
+    limit: int, data: str, text: str, dropped: int
+) -> None:
+    buffer = tails.TailBuffer(limit)
+    buffer.feed(data.encode())
+    assert buffer.text() == (text, dropped)
+
+
+@pytest.mark.parametrize(
+    ("limit", "data", "text", "dropped"),
+    [
+        (10, b"\x80abc", "\ufffdabc", 0),  # not cut by us: an invalid byte stays visible
+        (10, b"a\xffb", "a\ufffdb", 0),
+        (10, b"a\xc3", "a\ufffd", 0),  # the task died mid-character
+        (10, b"\xff\xfe\x00\x01", "\ufffd\ufffd\x00\x01", 0),
+        # after a cut, at most 3 continuation bytes can belong to a torn character
+        (5, b"x" + b"\x80" * 5, "\ufffd\ufffd", 4),
+    ],
+)
+def test_invalid_utf8_becomes_replacement_characters(
+    limit: int, data: bytes, text: str, dropped: int
+) -> None:
+    buffer = tails.TailBuffer(limit)
+    buffer.feed(data)
+    assert buffer.text() == (text, dropped)
+
+
+def test_a_negative_limit_is_refused() -> None:
+    with pytest.raises(ValueError, match="limit"):
+        tails.TailBuffer(-1)
