@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import secrets
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from octaskly import __version__, errors, executing
 from octaskly.domain import models

@@ -44,7 +44,7 @@ def clean_env(**extra: str) -> dict[str, str]:
 def start(
     args: Sequence[str], *, cwd: Path, env: dict[str, str] | None = None, log: Path | None = None
 ) -> subprocess.Popen[bytes]:
-    out = open(log or cwd / f"{args[0]}-{time.monotonic_ns()}.log", "wb")  # noqa: SIM115
+    out = open(log or cwd / f"{args[0]}-{time.monotonic_ns()}.log", "wb")
     return subprocess.Popen(
         [*OCTASKLY, *args],
         cwd=cwd,
@@ -80,7 +80,7 @@ def http(method: str, url: str, body: Any = None) -> tuple[int, Any]:
         url, data=data, method=method, headers={"Content-Type": "application/json"}
     )
     try:
-        with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310
+        with urllib.request.urlopen(req, timeout=10) as resp:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read() or b"null")
