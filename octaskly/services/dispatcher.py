@@ -541,6 +541,43 @@ class Dispatcher:
             self.watchers.notify(update.task_id)
         self.wake()
 
+    async def reattach(self, worker_id: str, task_id: str, attempt: int) -> Run | None:
+        """A reconnecting worker still holds an attempt we had re-queued: take it back
+        instead of running the task again."""
+        task = await self.store.get_task(task_id)
+        if (
+            task is None
+            or task.status != QUEUED
+            or task.attempts != attempt
+            or task_id in self.runs
+        ):
+            return None
+        update = store_base.TaskUpdate(
+            task_id,
+            {"status": RUNNING, "worker_id": worker_id, "not_before": None},
+            expect_status=QUEUED,
+            expect_attempts=attempt,
+        )
+        (ok,) = await self.store.apply([update])
+        if not ok or task_id in self.runs:
+            return None
+        ref = self.queue.remove(task_id) or _candidate(task)
+        self.queued_count -= 1
+        run = Run(
+            task_id,
+            worker_id,
+            attempt,
+            ref,
+            task.spec.retry_count,
+            task.lost_count,
+            task.started_at or self.clock(),
+        )
+        self.runs[task_id] = run
+        self.outputs[task_id] = live.LiveOutput(attempt, limit=self.options.output_limit)
+        self.watchers.notify(task_id)
+        log.info("re-attached task %s attempt %d to worker %s", task_id, attempt, worker_id)
+        return run
+
     def on_workers_changed(self) -> None:
         if self.queue.unpark_all():
             log.info("a worker joined: parked tasks are considered again")

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 from octaskly import errors
 from octaskly.domain import models, scheduling
 from octaskly.protocol import auth, messages
-from octaskly.store import base as store_base
 from octaskly.transport import base as transport
 
 if TYPE_CHECKING:
@@ -214,51 +213,13 @@ class Peers:
             if run is not None and run.worker_id == session.id and run.attempt == attempt:
                 session.runs[task_id] = run
                 previous.pop(task_id, None)
-            elif run is None and await self._reattach(session, task_id, attempt):
-                continue
+            elif run is None and (taken := await self._d.reattach(session.id, task_id, attempt)):
+                session.runs[task_id] = taken
             elif task_id not in {r.task_id for r in session.hello.finished}:
                 abort.append(messages.RunRef(task_id=task_id, attempt=attempt))
         if previous:
             await self._d.on_lost(list(previous.values()), f"worker {session.id} reconnected")
         return abort
-
-    async def _reattach(self, session: Session, task_id: str, attempt: int) -> bool:
-        task = await self._d.store.get_task(task_id)
-        if task is None or task.status != models.TaskStatus.QUEUED or task.attempts != attempt:
-            return False
-        (ok,) = await self._d.store.apply(
-            [
-                store_base.TaskUpdate(
-                    task_id,
-                    {
-                        "status": models.TaskStatus.RUNNING,
-                        "worker_id": session.id,
-                        "not_before": None,
-                    },
-                    expect_status=models.TaskStatus.QUEUED,
-                    expect_attempts=attempt,
-                )
-            ]
-        )
-        if not ok or task_id in self._d.runs:
-            return False
-        from octaskly.services import dispatcher as dispatching
-
-        ref = self._d.queue.remove(task_id) or dispatching._candidate(task)
-        self._d.queued_count -= 1
-        run = dispatching.Run(
-            task_id,
-            session.id,
-            attempt,
-            ref,
-            task.spec.retry_count,
-            task.lost_count,
-            task.started_at or time.time(),
-        )
-        self._d.runs[task_id] = run
-        session.runs[task_id] = run
-        log.info("re-attached task %s attempt %d to worker %s", task_id, attempt, session.id)
-        return True
 
     async def _serve(self, session: Session) -> None:
         sender = asyncio.create_task(self._send_forever(session), name=f"send-{session.id}")
