@@ -409,8 +409,11 @@ class Dispatcher:
                 )
             )
             self.peers.send_assign(a.worker_id, task, attempt)
-            self.watchers.notify(a.task_id)
-        self.store.apply_soon(updates)
+        # The workers already have their tasks; the running marks share one commit, and
+        # watchers hear of the change only once a reader would see it.
+        await self.store.apply(updates)
+        for update in updates:
+            self.watchers.notify(update.task_id)
 
     # -- run outcomes (called by peering) ------------------------------------------------------
     def _end_run(self, run: Run) -> None:

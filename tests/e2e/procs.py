@@ -44,15 +44,15 @@ def clean_env(**extra: str) -> dict[str, str]:
 def start(
     args: Sequence[str], *, cwd: Path, env: dict[str, str] | None = None, log: Path | None = None
 ) -> subprocess.Popen[bytes]:
-    out = open(log or cwd / f"{args[0]}-{time.monotonic_ns()}.log", "wb")
-    return subprocess.Popen(
-        [*OCTASKLY, *args],
-        cwd=cwd,
-        env=env or clean_env(),
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-    )
+    with open(log or cwd / f"{args[0]}-{time.monotonic_ns()}.log", "wb") as out:
+        return subprocess.Popen(
+            [*OCTASKLY, *args],
+            cwd=cwd,
+            env=env or clean_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
 
 
 def run(

@@ -94,49 +94,37 @@ def test_pyz_runs_dispatcher_and_worker_from_anywhere(pyz: Path, tmp_path: Path)
     port, api_port = free_port(), free_port()
     api = f"http://127.0.0.1:{api_port}"
     cmd = [sys.executable, str(pyz)]
-    with procs.processes() as ps:
-        log = (elsewhere / "d.log").open("wb")
-        ps.append(
-            subprocess.Popen(
-                [
-                    *cmd,
-                    "dispatcher",
-                    "--port",
-                    str(port),
-                    "--api-port",
-                    str(api_port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--db-path",
-                    str(elsewhere / "data.db"),
-                    "--secret-key",
-                    SECRET,
-                ],
-                cwd=elsewhere,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
+    dispatcher = [
+        "dispatcher",
+        "--port",
+        str(port),
+        "--api-port",
+        str(api_port),
+        "--bind",
+        "127.0.0.1",
+        "--db-path",
+        str(elsewhere / "data.db"),
+        "--secret-key",
+        SECRET,
+    ]
+    worker = [
+        "worker",
+        "--dispatcher-addr",
+        f"127.0.0.1:{port}",
+        "--name",
+        "pyz-w",
+        "--secret-key",
+        SECRET,
+    ]
+    with procs.processes() as ps, (elsewhere / "d.log").open("wb") as log:
+        for args in (dispatcher, worker):
+            ps.append(
+                subprocess.Popen(
+                    [*cmd, *args], cwd=elsewhere, env=env, stdout=log, stderr=subprocess.STDOUT
+                )
             )
-        )
-        wait_healthy(api, ps[0])
-        ps.append(
-            subprocess.Popen(
-                [
-                    *cmd,
-                    "worker",
-                    "--dispatcher-addr",
-                    f"127.0.0.1:{port}",
-                    "--name",
-                    "pyz-w",
-                    "--secret-key",
-                    SECRET,
-                ],
-                cwd=elsewhere,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        )
+            if args is dispatcher:
+                wait_healthy(api, ps[0])
         submit = subprocess.run(
             [*cmd, "submit", "--wait", "--api-url", api, "--", "echo", "zip"],
             cwd=elsewhere,
