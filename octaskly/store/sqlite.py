@@ -1,0 +1,507 @@
+"""The durable SQLite store: WAL, fsync on commit, and group commit through one writer.
+
+Writes (`insert_tasks`, `apply`, `apply_soon`) become operations on a queue. One writer
+task takes everything pending (up to MAX_BATCH operations), runs it in a single
+transaction with each operation in its own savepoint, commits once, and only then
+resolves the callers' futures. Concurrent callers thus share one fsync, and one caller's
+failure (a duplicate idempotency key) rolls back only its own savepoint. Reads use
+separate connections, which WAL lets run beside the writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import functools
+import itertools
+import logging
+import os
+import sqlite3
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import aiosqlite
+
+from octaskly import errors
+from octaskly.domain import models
+from octaskly.store import base, faults, migrating, queries
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 1000  # operations per transaction: bounds one commit's latency
+READERS = 2
+BUSY_TIMEOUT_MS = 5000
+_ID_CHUNK = 500  # ids per `IN (...)`; far below SQLite's variable limit
+
+# Errors confined to one operation: its savepoint is rolled back and the batch goes on.
+# Anything else (a full disk, I/O errors) fails the whole transaction.
+_OP_ERRORS = (
+    sqlite3.IntegrityError,
+    sqlite3.ProgrammingError,
+    sqlite3.InterfaceError,
+    OverflowError,
+    TypeError,
+    ValueError,
+)
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class _Op:
+    """One queued write: rows to insert, or compare-and-set statements to run."""
+
+    future: asyncio.Future[Any] | None
+    tasks: Sequence[models.Task] = ()
+    rows: list[tuple[Any, ...]] = dataclasses.field(default_factory=list)
+    statements: list[tuple[str, list[Any]]] = dataclasses.field(default_factory=list)
+    seq_bumps: list[int | None] = dataclasses.field(default_factory=list)
+    result: Any = None
+    error: BaseException | None = None
+
+    @property
+    def is_insert(self) -> bool:
+        return bool(self.rows)
+
+
+class SQLiteStore:
+    """The default store: one SQLite file in WAL mode, durable when a write returns.
+
+    `synchronous="full"` fsyncs every commit (survives power loss); `"normal"` survives a
+    crash of the process but may lose the last commits on power loss. `commit_count`
+    counts transactions committed (for metrics and tests of group commit).
+    """
+
+    def __init__(self, path: Path, *, synchronous: Literal["full", "normal"] = "full") -> None:
+        self.path = Path(path)
+        self.synchronous = synchronous
+        self.commit_count = 0
+        self._state: Literal["new", "open", "closing", "closed"] = "new"
+        self._db: aiosqlite.Connection | None = None
+        self._readers: list[aiosqlite.Connection] = []
+        self._next_reader = 0
+        self._pending: collections.deque[_Op] = collections.deque()
+        self._inflight: list[_Op] = []
+        self._wakeup = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._writer_failure: BaseException | None = None
+        self._next_seq = 1
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def open(self) -> None:
+        """Create or migrate the schema; raise StorageError if the database is unusable."""
+        if self._state != "new":
+            raise errors.StorageError(f"store {self.path} was opened already")
+        try:
+            await self._connect_all()
+        except BaseException as exc:
+            await self._close_connections()
+            self._state = "closed"
+            if isinstance(exc, sqlite3.Error):
+                raise faults.storage_error(exc, self.path) from exc
+            if isinstance(exc, OSError):
+                raise faults.os_error(exc, self.path) from exc
+            raise
+        self._state = "open"
+        self._writer = asyncio.get_running_loop().create_task(
+            self._write_forever(), name="octaskly-store-writer"
+        )
+        self._writer.add_done_callback(self._on_writer_done)
+
+    async def close(self) -> None:
+        """Flush pending writes and close. Calling it again does nothing."""
+        if self._state == "new":
+            self._state = "closed"
+        if self._state != "open":
+            return
+        self._state = "closing"
+        self._wakeup.set()
+        try:
+            if self._writer is not None:
+                await asyncio.wait([self._writer])
+        finally:
+            self._state = "closed"
+            await self._close_connections()
+
+    async def _connect_all(self) -> None:
+        _prepare_file(self.path)
+        self._db = await self._connect()
+        await faults.check_intact(self._db, self.path)  # before WAL changes the file
+        await self._configure_writer(self._db)
+        await migrating.migrate(self._db)
+        await faults.check_writable(self._db)
+        for _ in range(READERS):
+            reader = await self._connect()
+            self._readers.append(reader)
+            await reader.execute("PRAGMA query_only = ON")
+        self._next_seq = int(await faults.scalar(self._db, queries.MAX_SEQ)) + 1
+
+    async def _connect(self) -> aiosqlite.Connection:
+        # isolation_level=None: no implicit transactions; the writer says BEGIN itself.
+        return await aiosqlite.connect(
+            self.path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000, cached_statements=256
+        )
+
+    async def _configure_writer(self, db: aiosqlite.Connection) -> None:
+        mode = await faults.scalar(db, "PRAGMA journal_mode = WAL")
+        if str(mode).lower() != "wal":
+            raise errors.StorageError(
+                f"cannot use write-ahead logging for {self.path} (journal mode stays {mode}); "
+                "put the database on a local filesystem"
+            )
+        await db.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
+        await db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        await db.execute("PRAGMA foreign_keys = ON")
+
+    async def _close_connections(self) -> None:
+        # Readers first: the last connection to close checkpoints and removes the WAL.
+        connections = [*self._readers, *([self._db] if self._db is not None else [])]
+        self._readers, self._db = [], None
+        for connection in connections:
+            try:
+                await connection.close()
+            except (sqlite3.Error, ValueError) as exc:
+                log.warning("closing %s: %s", self.path, exc)
+
+    # -- writing --------------------------------------------------------------------------
+    async def insert_tasks(self, tasks: Sequence[models.Task]) -> list[int]:
+        """Insert all tasks atomically and durably; return their assigned queue_seq."""
+        self._ensure_writable()
+        if not tasks:
+            return []
+        _check_unique(tasks)
+        future = asyncio.get_running_loop().create_future()
+        self._submit(_Op(future, tasks=tasks, rows=[queries.task_row(t) for t in tasks]))
+        return cast(list[int], await future)
+
+    async def apply(self, updates: Sequence[base.TaskUpdate]) -> list[bool]:
+        """Apply updates durably, each only if its expectations hold; report which did."""
+        self._ensure_writable()
+        if not updates:
+            return []
+        future = asyncio.get_running_loop().create_future()
+        self._submit(_update_op(updates, future))
+        return cast(list[bool], await future)
+
+    def apply_soon(self, updates: Sequence[base.TaskUpdate]) -> None:
+        """Queue updates behind every write already queued, without waiting for the commit."""
+        self._ensure_writable()
+        if updates:
+            self._submit(_update_op(updates, None))
+
+    def _submit(self, op: _Op) -> None:
+        self._pending.append(op)
+        self._wakeup.set()
+
+    def _not_open(self) -> errors.StorageError:
+        return errors.StorageError(
+            f"store {self.path} is {'not open' if self._state == 'new' else 'closed'}"
+        )
+
+    def _ensure_writable(self) -> None:
+        if self._state != "open":
+            raise self._not_open()
+        if self._writer_failure is not None:
+            raise errors.StorageError(
+                f"the database writer for {self.path} stopped: {self._writer_failure!r}"
+            )
+
+    async def _write_forever(self) -> None:
+        try:
+            while self._pending or self._state == "open":
+                if not self._pending:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                self._inflight = self._take_batch()
+                if self._inflight:
+                    await self._write_batch(self._inflight)
+                self._inflight = []
+        finally:
+            # Normally nothing is left; after a crash of this task nobody may hang.
+            error = errors.StorageError(f"the database writer for {self.path} stopped")
+            for op in [*self._inflight, *self._pending]:
+                op.error = op.error or error
+                _settle(op)
+            self._inflight, self._pending = [], collections.deque()
+
+    def _on_writer_done(self, task: asyncio.Task[None]) -> None:
+        failure = asyncio.CancelledError("cancelled") if task.cancelled() else task.exception()
+        if failure is None and self._state == "open":
+            failure = RuntimeError("ended unexpectedly")
+        if failure is not None:
+            self._writer_failure = failure
+            log.error("the database writer for %s died: %r", self.path, failure)
+
+    def _take_batch(self) -> list[_Op]:
+        batch: list[_Op] = []
+        while self._pending and len(batch) < MAX_BATCH:
+            op = self._pending.popleft()
+            if op.future is not None and op.future.done():
+                continue  # the caller was cancelled before the write began: skip it
+            batch.append(op)
+        return batch
+
+    async def _write_batch(self, batch: list[_Op]) -> None:
+        db = self._writer_db()
+        first_seq = self._next_seq
+        try:
+            await db.execute("BEGIN IMMEDIATE")
+            for is_insert, group in itertools.groupby(batch, key=lambda op: op.is_insert):
+                ops = list(group)
+                if is_insert:
+                    await self._run_group(db, ops, self._insert_all, self._insert_one)
+                else:
+                    await self._run_group(db, ops, self._update_all, self._update_one)
+            await db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            await faults.rollback(db)
+            self._next_seq = first_seq
+            error = faults.storage_error(exc, self.path)
+            log.error("a write of %d operations was rolled back: %s", len(batch), error)
+            for op in batch:
+                op.error = op.error or error
+        else:
+            self.commit_count += 1
+        for op in batch:
+            _settle(op)
+
+    async def _run_group(
+        self,
+        db: aiosqlite.Connection,
+        ops: list[_Op],
+        run_all: Callable[[aiosqlite.Connection, list[_Op]], Awaitable[None]],
+        run_one: Callable[[aiosqlite.Connection, _Op], Awaitable[None]],
+    ) -> None:
+        """Run consecutive operations of one kind, isolating each one's failure.
+
+        Optimistically all in one savepoint (one executemany for inserts); only if that
+        fails, again one savepoint per operation to fail just the culprits.
+        """
+        if len(ops) > 1:
+            mark = self._next_seq
+            try:
+                await _in_savepoint(db, functools.partial(run_all, db, ops))
+                return
+            except _OP_ERRORS:
+                self._next_seq = mark
+        for op in ops:
+            mark = self._next_seq
+            try:
+                await _in_savepoint(db, functools.partial(run_one, db, op))
+            except _OP_ERRORS as exc:
+                self._next_seq = mark  # no gap in queue_seq for a rejected insert
+                op.error = await self._op_error(db, op, exc)
+
+    def _number(self, op: _Op) -> list[tuple[Any, ...]]:
+        start = self._next_seq
+        self._next_seq += len(op.rows)
+        op.result = list(range(start, self._next_seq))
+        return [(seq, *row) for seq, row in zip(op.result, op.rows, strict=True)]
+
+    async def _insert_all(self, db: aiosqlite.Connection, ops: list[_Op]) -> None:
+        rows = [row for op in ops for row in self._number(op)]
+        await db.executemany(queries.INSERT_TASK, rows)
+
+    async def _insert_one(self, db: aiosqlite.Connection, op: _Op) -> None:
+        await db.executemany(queries.INSERT_TASK, self._number(op))
+
+    async def _update_all(self, db: aiosqlite.Connection, ops: list[_Op]) -> None:
+        for op in ops:
+            await self._update_one(db, op)
+
+    async def _update_one(self, db: aiosqlite.Connection, op: _Op) -> None:
+        applied = []
+        for (sql, params), bump in zip(op.statements, op.seq_bumps, strict=True):
+            done = bool(list(await db.execute_fetchall(sql, params)))
+            if done and bump is not None:
+                self._next_seq = max(self._next_seq, bump + 1)
+            applied.append(done)
+        op.result = applied
+
+    async def _op_error(
+        self, db: aiosqlite.Connection, op: _Op, exc: BaseException
+    ) -> BaseException:
+        """The exception one rejected operation's caller gets."""
+        text = str(exc)
+        if op.is_insert and "tasks_idempotency" in text:
+            duplicate = await _existing_key(db, op.tasks)
+            if duplicate is not None:
+                return duplicate
+        if op.is_insert and "tasks.id" in text:
+            return errors.ConflictError("a task with one of these ids exists already")
+        if isinstance(exc, ValueError):
+            return exc
+        return ValueError(f"the database rejected the write: {exc}")
+
+    def _writer_db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise errors.StorageError(f"store {self.path} is closed")
+        return self._db
+
+    # -- reading --------------------------------------------------------------------------
+    async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        if not self._readers:
+            raise self._not_open()
+        self._next_reader = (self._next_reader + 1) % len(self._readers)
+        reader = self._readers[self._next_reader]
+        try:
+            return list(await reader.execute_fetchall(sql, params))
+        except sqlite3.Error as exc:
+            raise faults.storage_error(exc, self.path) from exc
+        except ValueError as exc:  # aiosqlite: the connection was closed meanwhile
+            raise errors.StorageError(f"store {self.path} is closed") from exc
+
+    async def get_task(self, task_id: str) -> models.Task | None:
+        """The task with this id, or None."""
+        rows = await self._read(queries.GET_TASK, (task_id,))
+        return queries.task_from_row(rows[0]) if rows else None
+
+    async def get_tasks(self, task_ids: Sequence[str]) -> list[models.Task]:
+        """The tasks that exist among `task_ids`, in any order."""
+        ids = list(dict.fromkeys(task_ids))
+        found: list[models.Task] = []
+        for start in range(0, len(ids), _ID_CHUNK):
+            chunk = ids[start : start + _ID_CHUNK]
+            rows = await self._read(queries.get_tasks(len(chunk)), chunk)
+            found.extend(queries.task_from_row(r) for r in rows)
+        return found
+
+    async def find_by_idempotency_key(self, owner: str | None, key: str) -> models.Task | None:
+        """The task an earlier request of `owner` created with `key`, or None."""
+        rows = await self._read(queries.FIND_BY_KEY, (owner or "", key))
+        return queries.task_from_row(rows[0]) if rows else None
+
+    async def list_tasks(
+        self,
+        *,
+        status: models.TaskStatus | None = None,
+        worker_id: str | None = None,
+        owner: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> base.TaskPage:
+        """Newest first (by creation), with the total matching count."""
+        if limit < 0 or offset < 0:
+            raise ValueError("limit and offset must not be negative")
+        where, params = queries.list_filter(status, worker_id, owner)
+        rows = await self._read(queries.list_tasks(where), [*params, limit, offset])
+        total = (await self._read(queries.count_tasks(where), params))[0][0]
+        return base.TaskPage([queries.task_from_row(r) for r in rows], int(total))
+
+    async def queued_refs(
+        self, priority: models.Priority, after_queue_seq: int, limit: int
+    ) -> list[base.QueuedRef]:
+        """Queued tasks of one priority with queue_seq > after, in queue_seq order."""
+        rows = await self._read(queries.QUEUED_REFS, (int(priority), after_queue_seq, limit))
+        return [
+            base.QueuedRef(
+                id=task_id,
+                queue_seq=seq,
+                priority=priority,
+                created_at=created_at,
+                requirements=queries.requirements(requirements),
+                not_before=not_before,
+            )
+            for task_id, seq, _, created_at, requirements, not_before in rows
+        ]
+
+    async def running_tasks(self) -> list[models.Task]:
+        """Tasks whose status is running (used for recovery after a restart)."""
+        return [queries.task_from_row(r) for r in await self._read(queries.RUNNING_TASKS)]
+
+    async def count_by_status(self) -> dict[models.TaskStatus, int]:
+        """How many tasks are in each status; every status is present."""
+        counts = dict.fromkeys(models.TaskStatus, 0)
+        for status, count in await self._read(queries.COUNT_BY_STATUS):
+            counts[models.TaskStatus(status)] = int(count)
+        return counts
+
+    async def size_bytes(self) -> int:
+        """Bytes of the database file and its -wal and -shm files."""
+        if self._state != "open":
+            raise self._not_open()
+        total = 0
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                total += os.stat(f"{self.path}{suffix}").st_size
+        return total
+
+    async def check(self) -> None:
+        """Raise StorageError unless the writer is alive and a read succeeds."""
+        self._ensure_writable()
+        if self._writer is None or self._writer.done():
+            raise errors.StorageError(f"the database writer for {self.path} is not running")
+        await self._read(queries.HAS_TASKS)
+
+
+# -- helpers --------------------------------------------------------------------------------
+def _check_unique(tasks: Sequence[models.Task]) -> None:
+    """Duplicates inside one insert fail before they reach the writer."""
+    ids: set[str] = set()
+    keys: set[tuple[str, str]] = set()
+    for task in tasks:
+        if task.id in ids:
+            raise errors.ConflictError(f"task id {task.id} appears twice in one insert")
+        ids.add(task.id)
+        if task.idempotency_key is not None:
+            key = (task.owner or "", task.idempotency_key)
+            if key in keys:
+                raise base.DuplicateIdempotencyKey(task.owner, task.idempotency_key)
+            keys.add(key)
+
+
+def _update_op(updates: Sequence[base.TaskUpdate], future: asyncio.Future[Any] | None) -> _Op:
+    # Statements are built in the caller, so a bad value fails there, not in the batch.
+    op = _Op(future, statements=[queries.update_statement(u) for u in updates])
+    op.seq_bumps = [u.changes.get("queue_seq") for u in updates]
+    return op
+
+
+def _settle(op: _Op) -> None:
+    if op.future is None:
+        if op.error is not None:
+            log.warning("a background write failed and was dropped: %s", op.error)
+        return
+    if op.future.done():
+        return
+    if op.error is not None:
+        op.future.set_exception(op.error)
+    else:
+        op.future.set_result(op.result)
+
+
+async def _in_savepoint(db: aiosqlite.Connection, work: Callable[[], Awaitable[None]]) -> None:
+    await db.execute("SAVEPOINT op")
+    try:
+        await work()
+    except _OP_ERRORS:
+        await db.execute("ROLLBACK TO op")
+        await db.execute("RELEASE op")
+        raise
+    await db.execute("RELEASE op")
+
+
+async def _existing_key(
+    db: aiosqlite.Connection, tasks: Sequence[models.Task]
+) -> base.DuplicateIdempotencyKey | None:
+    by_owner: dict[str | None, list[str]] = {}
+    for task in tasks:
+        if task.idempotency_key is not None:
+            by_owner.setdefault(task.owner, []).append(task.idempotency_key)
+    for owner, keys in by_owner.items():
+        rows = list(
+            await db.execute_fetchall(queries.existing_keys(len(keys)), [owner or "", *keys])
+        )
+        if rows:
+            return base.DuplicateIdempotencyKey(owner, str(rows[0][0]))
+    return None
+
+
+def _prepare_file(path: Path) -> None:
+    """Create the directory, and the file private (0600): SQLite would make it readable
+    by all, and its -wal and -shm files copy the database file's mode."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not path.exists():
+        os.close(os.open(path, os.O_RDONLY | os.O_CREAT, 0o600))

@@ -1,0 +1,416 @@
+"""The store contract: every behaviour the dispatcher relies on, run against each store.
+
+`InMemoryStore` (unit tests of services use it) must behave exactly like `SQLiteStore`
+(production uses it); running one suite against both keeps them from drifting apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from octaskly import errors, testing
+from octaskly.domain import models
+from octaskly.store import base, sqlite
+
+QUEUED = models.TaskStatus.QUEUED
+RUNNING = models.TaskStatus.RUNNING
+COMPLETED = models.TaskStatus.COMPLETED
+FAILED = models.TaskStatus.FAILED
+
+StoreFactory = Callable[[], base.Store]
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> StoreFactory:
+    """A factory of unopened stores of the parametrised kind (all on one database)."""
+
+    def make() -> base.Store:
+        if request.param == "memory":
+            return testing.InMemoryStore()
+        return sqlite.SQLiteStore(tmp_path / "octaskly.db")
+
+    return make
+
+
+@pytest.fixture
+async def store(make_store: StoreFactory) -> AsyncIterator[base.Store]:
+    opened = make_store()
+    await opened.open()
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+def full_task() -> models.Task:
+    """A task with every field set to something other than its default."""
+    spec = models.TaskSpec(
+        command="printf 'héllo\\n' && exit 3",
+        timeout=120,
+        priority="high",
+        retry_count=2,
+        memory_limit_mb=256,
+        cpu_seconds=60,
+        disk_limit_mb=500,
+        sandbox_level=models.SandboxLevel.STRICT,
+        env={"A": "1", "B": "two words"},
+        inputs=["in/a.txt"],
+        outputs=["out/b.txt"],
+        requirements=models.Requirements(
+            cpu_cores=1.5, memory_mb=512, gpu=True, labels={"zone": "a"}
+        ),
+    )
+    return models.Task(
+        id=models.new_task_id(),
+        spec=spec,
+        timeout=120,
+        status=models.TaskStatus.FAILED,
+        attempts=2,
+        worker_id="worker-1",
+        exit_code=3,
+        stdout="héllo\n",
+        stderr="oops\x01",
+        stdout_dropped=5,
+        stderr_dropped=7,
+        duration_ms=1234,
+        error="exit code 3",
+        created_at=1_700_000_000.25,
+        started_at=1_700_000_001.5,
+        completed_at=1_700_000_002.75,
+        not_before=1_700_000_010.0,
+        lost_count=1,
+        owner="alice",
+        idempotency_key="key-1",
+        request_id="req-1",
+    )
+
+
+async def test_insert_get_round_trips_every_field(store: base.Store) -> None:
+    task = full_task()
+    (seq,) = await store.insert_tasks([task])
+    got = await store.get_task(task.id)
+    assert got == task.model_copy(update={"queue_seq": seq})
+    assert got is not None and got.spec.priority == models.Priority.HIGH
+
+
+async def test_queue_seq_is_assigned_in_acknowledgement_order(store: base.Store) -> None:
+    first = await store.insert_tasks([testing.new_task(), testing.new_task()])
+    second = await store.insert_tasks([testing.new_task(queue_seq=999)])  # input seq ignored
+    assert first[0] < first[1] < second[0]
+    assert second[0] != 999
+
+
+async def test_get_unknown_and_get_tasks_subset(store: base.Store) -> None:
+    a, b = testing.new_task(), testing.new_task()
+    await store.insert_tasks([a, b])
+    assert await store.get_task("nope") is None
+    got = await store.get_tasks([b.id, "nope", a.id, b.id])
+    assert sorted(t.id for t in got) == sorted([a.id, b.id])
+    assert await store.get_tasks([]) == []
+
+
+async def test_insert_nothing(store: base.Store) -> None:
+    assert await store.insert_tasks([]) == []
+    assert await store.apply([]) == []
+
+
+async def test_batch_with_existing_key_inserts_nothing(store: base.Store) -> None:
+    await store.insert_tasks([testing.new_task(owner="bob", idempotency_key="k")])
+    batch = [
+        testing.new_task(owner="bob", idempotency_key="other"),
+        testing.new_task(owner="bob", idempotency_key="k"),
+    ]
+    with pytest.raises(base.DuplicateIdempotencyKey) as caught:
+        await store.insert_tasks(batch)
+    assert (caught.value.owner, caught.value.key) == ("bob", "k")
+    assert await store.get_tasks([t.id for t in batch]) == []
+    assert await store.find_by_idempotency_key("bob", "other") is None
+
+
+async def test_batch_with_key_twice_inserts_nothing(store: base.Store) -> None:
+    batch = [testing.new_task(idempotency_key="k"), testing.new_task(idempotency_key="k")]
+    with pytest.raises(base.DuplicateIdempotencyKey):
+        await store.insert_tasks(batch)
+    assert (await store.list_tasks()).total == 0
+
+
+async def test_duplicate_task_id_is_a_conflict(store: base.Store) -> None:
+    task = testing.new_task()
+    await store.insert_tasks([task])
+    fresh = testing.new_task()
+    with pytest.raises(errors.ConflictError):
+        await store.insert_tasks([fresh, testing.new_task(id=task.id)])
+    assert await store.get_task(fresh.id) is None
+
+
+async def test_idempotency_keys_are_scoped_by_owner(store: base.Store) -> None:
+    alice = testing.new_task(owner="alice", idempotency_key="k")
+    bob = testing.new_task(owner="bob", idempotency_key="k")
+    nobody = testing.new_task(owner=None, idempotency_key="k")
+    await store.insert_tasks([alice])
+    await store.insert_tasks([bob])
+    await store.insert_tasks([nobody])
+    found = [await store.find_by_idempotency_key(o, "k") for o in ("alice", "bob", None)]
+    assert [t.id if t else None for t in found] == [alice.id, bob.id, nobody.id]
+    assert await store.find_by_idempotency_key("carol", "k") is None
+    assert await store.find_by_idempotency_key("alice", "other") is None
+    # A missing owner is one owner, not a fresh one per task.
+    with pytest.raises(base.DuplicateIdempotencyKey) as caught:
+        await store.insert_tasks([testing.new_task(owner=None, idempotency_key="k")])
+    assert (caught.value.owner, caught.value.key) == (None, "k")
+
+
+async def test_tasks_without_key_never_collide(store: base.Store) -> None:
+    await store.insert_tasks([testing.new_task(), testing.new_task()])
+    await store.insert_tasks([testing.new_task()])
+    assert (await store.list_tasks()).total == 3
+
+
+async def test_apply_with_expected_status(store: base.Store) -> None:
+    task = testing.new_task()
+    await store.insert_tasks([task])
+    to_running = base.TaskUpdate(
+        task.id, {"status": RUNNING, "attempts": 1, "worker_id": "w"}, expect_status=QUEUED
+    )
+    assert await store.apply([to_running]) == [True]
+    assert await store.apply([to_running]) == [False]  # no longer queued
+    got = await store.get_task(task.id)
+    assert got is not None
+    assert (got.status, got.attempts, got.worker_id) == (RUNNING, 1, "w")
+
+
+async def test_apply_with_a_set_of_statuses_and_attempts(store: base.Store) -> None:
+    task = testing.new_task(status=RUNNING, attempts=2)
+    await store.insert_tasks([task])
+    either = frozenset({QUEUED, RUNNING})
+    stale = base.TaskUpdate(task.id, {"status": COMPLETED}, expect_status=either, expect_attempts=1)
+    current = base.TaskUpdate(
+        task.id, {"status": COMPLETED, "exit_code": 0}, expect_status=either, expect_attempts=2
+    )
+    assert await store.apply([stale, current]) == [False, True]
+    got = await store.get_task(task.id)
+    assert got is not None and (got.status, got.exit_code) == (COMPLETED, 0)
+
+
+async def test_apply_without_expectations_and_to_unknown_tasks(store: base.Store) -> None:
+    task = testing.new_task()
+    await store.insert_tasks([task])
+    updates = [
+        base.TaskUpdate(task.id, {"error": "x", "not_before": 5.0}),
+        base.TaskUpdate("nope", {"error": "x"}),
+        base.TaskUpdate(task.id, {}, expect_status=QUEUED),  # a pure check
+        base.TaskUpdate(task.id, {}, expect_status=RUNNING),
+        base.TaskUpdate(task.id, {"error": "y"}, expect_status=frozenset()),
+    ]
+    assert await store.apply(updates) == [True, False, True, False, False]
+    got = await store.get_task(task.id)
+    assert got is not None and (got.error, got.not_before) == ("x", 5.0)
+
+
+async def test_updates_in_one_apply_see_each_other(store: base.Store) -> None:
+    task = testing.new_task()
+    await store.insert_tasks([task])
+    first = base.TaskUpdate(task.id, {"status": RUNNING}, expect_status=QUEUED)
+    second = base.TaskUpdate(task.id, {"status": FAILED}, expect_status=RUNNING)
+    assert await store.apply([first, second]) == [True, True]
+    got = await store.get_task(task.id)
+    assert got is not None and got.status == FAILED
+
+
+async def test_invalid_status_is_rejected_and_changes_nothing(store: base.Store) -> None:
+    task = testing.new_task()
+    await store.insert_tasks([task])
+    with pytest.raises(ValueError):
+        await store.apply(
+            [
+                base.TaskUpdate(task.id, {"error": "set"}),
+                base.TaskUpdate(task.id, {"status": "sleeping"}),
+            ]
+        )
+    got = await store.get_task(task.id)
+    assert got is not None and (got.status, got.error) == (QUEUED, None)
+
+
+async def test_apply_soon_keeps_order_with_later_awaited_writes(store: base.Store) -> None:
+    task = testing.new_task()
+    await store.insert_tasks([task])
+    store.apply_soon(
+        [base.TaskUpdate(task.id, {"status": RUNNING, "attempts": 1}, expect_status=QUEUED)]
+    )
+    done = base.TaskUpdate(task.id, {"status": COMPLETED}, expect_status=RUNNING, expect_attempts=1)
+    assert await store.apply([done]) == [True]  # the earlier apply_soon went first
+    got = await store.get_task(task.id)
+    assert got is not None and (got.status, got.attempts) == (COMPLETED, 1)
+
+
+async def test_updated_queue_seq_keeps_numbering_monotonic(store: base.Store) -> None:
+    task = testing.new_task()
+    await store.insert_tasks([task])
+    assert await store.apply([base.TaskUpdate(task.id, {"queue_seq": 100})]) == [True]
+    assert await store.insert_tasks([testing.new_task()]) == [101]
+
+
+async def listing_fixture(store: base.Store) -> dict[str, models.Task]:
+    """Six tasks with mixed statuses, workers and owners; created_at not in insert order."""
+    tasks = {
+        "a": testing.new_task(created_at=10.0, owner="alice"),
+        "b": testing.new_task(created_at=30.0, owner="bob", status=RUNNING, worker_id="w1"),
+        "c": testing.new_task(created_at=20.0, owner="alice", status=COMPLETED, worker_id="w1"),
+        "d": testing.new_task(created_at=20.0, owner="alice", status=COMPLETED, worker_id="w2"),
+        "e": testing.new_task(created_at=50.0, owner=None),
+        "f": testing.new_task(created_at=40.0, owner="bob", status=COMPLETED, worker_id="w2"),
+    }
+    await store.insert_tasks(list(tasks.values()))
+    return tasks
+
+
+async def test_list_newest_first_with_pages_and_total(store: base.Store) -> None:
+    tasks = await listing_fixture(store)
+    names = {t.id: name for name, t in tasks.items()}
+    page = await store.list_tasks(limit=4)
+    # Equal created_at (c, d): the later inserted comes first.
+    assert [names[t.id] for t in page.tasks] == ["e", "f", "b", "d"]
+    assert page.total == 6
+    page = await store.list_tasks(limit=4, offset=4)
+    assert [names[t.id] for t in page.tasks] == ["c", "a"] and page.total == 6
+    page = await store.list_tasks(limit=4, offset=10)
+    assert page.tasks == [] and page.total == 6
+    page = await store.list_tasks(limit=0)
+    assert page.tasks == [] and page.total == 6
+
+
+@pytest.mark.parametrize(
+    ("filters", "expected"),
+    [
+        ({"status": COMPLETED}, ["f", "d", "c"]),
+        ({"status": QUEUED}, ["e", "a"]),
+        ({"status": FAILED}, []),
+        ({"worker_id": "w1"}, ["b", "c"]),
+        ({"owner": "alice"}, ["d", "c", "a"]),
+        ({"owner": "alice", "status": COMPLETED, "worker_id": "w2"}, ["d"]),
+        ({"owner": "nobody"}, []),
+    ],
+)
+async def test_list_filters(
+    store: base.Store, filters: dict[str, str], expected: list[str]
+) -> None:
+    tasks = await listing_fixture(store)
+    names = {t.id: name for name, t in tasks.items()}
+    page = await store.list_tasks(limit=2, **filters)  # type: ignore[arg-type]
+    assert [names[t.id] for t in page.tasks] == expected[:2]
+    assert page.total == len(expected)
+
+
+async def test_list_rejects_negative_paging(store: base.Store) -> None:
+    with pytest.raises(ValueError):
+        await store.list_tasks(limit=-1)
+    with pytest.raises(ValueError):
+        await store.list_tasks(offset=-1)
+
+
+async def test_queued_refs_order_cursor_and_filter(store: base.Store) -> None:
+    needs = models.Requirements(cpu_cores=2, gpu=True, labels={"os": "linux"})
+
+    def high(**fields: Any) -> models.Task:
+        spec = models.TaskSpec(command="true", priority="high", requirements=needs)
+        return testing.new_task(spec=spec, **fields)
+
+    batch = [
+        high(),
+        testing.new_task(),  # normal priority
+        high(status=RUNNING),
+        high(not_before=123.5),
+        high(),
+        high(status=COMPLETED),
+        high(),
+    ]
+    seqs = await store.insert_tasks(batch)
+    expected = [
+        (t.id, seq)
+        for t, seq in zip(batch, seqs, strict=True)
+        if t.status == QUEUED and t.priority == models.Priority.HIGH
+    ]
+    refs = await store.queued_refs(models.Priority.HIGH, 0, 10)
+    assert [(r.id, r.queue_seq) for r in refs] == expected
+    assert all(r.priority == models.Priority.HIGH and r.requirements == needs for r in refs)
+    assert [r.not_before for r in refs] == [None, 123.5, None, None]
+    assert refs[0].created_at == batch[0].created_at
+    page = await store.queued_refs(models.Priority.HIGH, refs[0].queue_seq, 2)
+    assert [r.id for r in page] == [expected[1][0], expected[2][0]]
+    assert await store.queued_refs(models.Priority.HIGH, refs[-1].queue_seq, 10) == []
+    normal = await store.queued_refs(models.Priority.NORMAL, 0, 10)
+    assert [r.id for r in normal] == [batch[1].id]
+    assert normal[0].requirements == models.Requirements()
+    assert await store.queued_refs(models.Priority.LOW, 0, 10) == []
+
+
+async def test_queued_refs_follow_status_changes(store: base.Store) -> None:
+    task = testing.new_task()
+    await store.insert_tasks([task])
+    await store.apply([base.TaskUpdate(task.id, {"status": RUNNING})])
+    assert await store.queued_refs(models.Priority.NORMAL, 0, 10) == []
+    await store.apply([base.TaskUpdate(task.id, {"status": QUEUED})])
+    assert [r.id for r in await store.queued_refs(models.Priority.NORMAL, 0, 10)] == [task.id]
+
+
+async def test_running_tasks(store: base.Store) -> None:
+    running = [testing.new_task(status=RUNNING, worker_id="w") for _ in range(2)]
+    await store.insert_tasks([testing.new_task(), running[0], running[1]])
+    await store.insert_tasks([testing.new_task(status=COMPLETED)])
+    got = await store.running_tasks()
+    assert [t.id for t in got] == [t.id for t in running]
+
+
+async def test_count_by_status_has_every_status(store: base.Store) -> None:
+    assert await store.count_by_status() == dict.fromkeys(models.TaskStatus, 0)
+    await listing_fixture(store)
+    counts = await store.count_by_status()
+    assert counts == {**dict.fromkeys(models.TaskStatus, 0), QUEUED: 2, RUNNING: 1, COMPLETED: 3}
+
+
+async def test_returned_tasks_are_copies(store: base.Store) -> None:
+    task = testing.new_task()
+    await store.insert_tasks([task])
+    task.status = COMPLETED  # the caller's object is not the stored one
+    got = await store.get_task(task.id)
+    assert got is not None and got.status == QUEUED
+    got.status = FAILED
+    again = await store.get_task(task.id)
+    assert again is not None and again.status == QUEUED
+
+
+async def test_check_and_size_while_open(store: base.Store) -> None:
+    await store.check()
+    assert await store.size_bytes() >= 0
+
+
+async def test_lifecycle_errors(make_store: StoreFactory) -> None:
+    store = make_store()
+    with pytest.raises(errors.StorageError, match="not open"):
+        await store.get_task("x")
+    with pytest.raises(errors.StorageError, match="not open"):
+        await store.insert_tasks([testing.new_task()])
+    await store.open()
+    with pytest.raises(errors.StorageError, match="opened already"):
+        await store.open()
+    await store.insert_tasks([testing.new_task()])
+    await store.close()
+    await store.close()  # a second close is harmless
+    closed_calls: list[Callable[[], Awaitable[object]]] = [
+        store.check,
+        lambda: store.get_task("x"),
+        store.list_tasks,
+        store.count_by_status,
+        store.size_bytes,
+        lambda: store.insert_tasks([testing.new_task()]),
+        lambda: store.apply([base.TaskUpdate("x", {"error": "e"})]),
+    ]
+    for call in closed_calls:
+        with pytest.raises(errors.StorageError, match="closed"):
+            await call()
+    with pytest.raises(errors.StorageError, match="closed"):
+        store.apply_soon([base.TaskUpdate("x", {"error": "e"})])
