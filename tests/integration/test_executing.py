@@ -451,7 +451,7 @@ async def test_task_starts_with_no_ignored_signals(tmp_path: Path) -> None:
     # The worker (Python) ignores SIGPIPE and SIGXFSZ; a task must not inherit that, or
     # `yes | head` never ends and a file size breach is not a signal.
     result = await run(tmp_path, "grep SigIgn /proc/$$/status")
-    assert result.stdout.split() == ["SigIgn:", "0" * 16]
+    assert _ignored(result.stdout) & _PYTHON_IGNORED == set()
 
 
 async def test_rlimit_wrapper_leaves_no_ignored_signals(
@@ -459,7 +459,17 @@ async def test_rlimit_wrapper_leaves_no_ignored_signals(
 ) -> None:
     limits = {resource.RLIMIT_NOFILE: (256, 256)}
     result = await run(tmp_path, "grep SigIgn /proc/$$/status", rlimits=limits)
-    assert result.stdout.split() == ["SigIgn:", "0" * 16]
+    assert _ignored(result.stdout) & _PYTHON_IGNORED == set()
+
+
+# Python ignores these in itself; whatever started the worker may ignore others (GNU make
+# leaves glibc's internal real-time signals 32 and 33 ignored), which is not ours to undo.
+_PYTHON_IGNORED = {signal.SIGPIPE, signal.SIGXFSZ}
+
+
+def _ignored(status_line: str) -> set[int]:
+    mask = int(status_line.split()[1], 16)
+    return {sig for sig in range(1, 65) if mask & (1 << (sig - 1))}
 
 
 @pytest.mark.parametrize(
