@@ -1,0 +1,23 @@
+"""Suite-wide guards: a test that leaves asyncio tasks running fails (kopf's conftest idea)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+async def _no_leaked_tasks() -> AsyncIterator[None]:
+    before = set(asyncio.all_tasks())
+    yield
+    current = asyncio.current_task()
+    leaked = [t for t in asyncio.all_tasks() - before if t is not current and not t.done()]
+    if leaked:
+        # give tasks that are already finishing one loop turn before calling it a leak
+        await asyncio.sleep(0)
+        leaked = [t for t in leaked if not t.done()]
+    for task in leaked:
+        task.cancel()
+    assert not leaked, f"test leaked asyncio tasks: {[t.get_name() for t in leaked]}"
