@@ -203,6 +203,16 @@ def worker_options(settings: config_settings.Settings) -> working.Options:
         gpu=w.gpu if w.gpu is not None else Path("/dev/nvidia0").exists(),
         labels=dict(w.labels),
     )
+    if w.transport == "quic":
+        raise errors.ConfigError(
+            "transport = quic is not supported by this version yet; "
+            "use tcp (or auto, which uses tcp)"
+        )
+    if w.sandbox_level.rank > models.SandboxLevel.BASIC.rank:
+        raise errors.ConfigError(
+            f"sandbox_level = {w.sandbox_level.value} is not supported by "
+            "this version yet (none and basic are)"
+        )
     return working.Options(
         name=w.name or socket.gethostname(),
         dispatcher_addrs=addrs,

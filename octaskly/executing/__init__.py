@@ -26,6 +26,7 @@ from octaskly.executing.running import (
     Execution,
     OutputCallback,
     Status,
+    not_run,
 )
 from octaskly.executing.tails import TailBuffer
 from octaskly.executing.watching import install_fast_child_watcher
@@ -41,4 +42,5 @@ __all__ = [
     "Status",
     "TailBuffer",
     "install_fast_child_watcher",
+    "not_run",
 ]

@@ -162,12 +162,12 @@ class Execution:
             raise RuntimeError("an Execution runs only once")
         self._started = True
         if self._cancel_requested:
-            return _not_run("cancelled", "cancelled")
+            return not_run("cancelled", "cancelled")
         self._wakeup = asyncio.get_running_loop().create_future()
         try:
             workdir = _make_workdir(self.request)
         except OSError as exc:
-            return _not_run("failed", f"could not start: cannot create a workdir: {exc}")
+            return not_run("failed", f"could not start: cannot create a workdir: {exc}")
         try:
             return await self._run_in(workdir)
         finally:
@@ -191,7 +191,7 @@ class Execution:
                 start_new_session=True,  # own session and group: killpg reaches every child
             )
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
-            return _not_run("failed", f"could not start: {exc}")
+            return not_run("failed", f"could not start: {exc}")
         self._pid = pgid = transport.get_pid()
         log.debug("task %s attempt %d: pid %d", request.task_id, request.attempt, pgid)
         try:
@@ -307,7 +307,8 @@ class _Protocol(asyncio.SubprocessProtocol):
             self.exited.set_result(None)
 
 
-def _not_run(status: Status, error: str) -> ExecResult:
+def not_run(status: Status, error: str) -> ExecResult:
+    """The result of a run that never started (or ended before its process existed)."""
     return ExecResult(
         status=status,
         exit_code=None,

@@ -12,6 +12,7 @@ import asyncio
 import codecs
 import dataclasses
 import logging
+import resource
 import secrets
 from pathlib import Path
 from typing import TypeVar
@@ -40,6 +41,21 @@ class Options:
     workdir_root: Path = Path("/tmp")
     connect_timeout: float = 10.0
     reconnect_max_delay: float = 10.0
+
+
+def rlimits(assignment: messages.TaskAssignment) -> dict[int, tuple[int, int]]:
+    """The task's limits as rlimits: memory -> address space, CPU seconds, disk -> file size."""
+    limits: dict[int, tuple[int, int]] = {}
+    if assignment.memory_limit_mb:
+        size = assignment.memory_limit_mb * 1024 * 1024
+        limits[resource.RLIMIT_AS] = (size, size)
+    if assignment.cpu_seconds:
+        # hard = soft + 1: SIGXCPU first (reported as the CPU limit), SIGKILL a second later
+        limits[resource.RLIMIT_CPU] = (assignment.cpu_seconds, assignment.cpu_seconds + 1)
+    if assignment.disk_limit_mb:
+        size = assignment.disk_limit_mb * 1024 * 1024
+        limits[resource.RLIMIT_FSIZE] = (size, size)
+    return limits
 
 
 class FatalWorkerError(errors.PermanentError):
@@ -201,6 +217,11 @@ class Worker:
                 assignment.task_id,
             )
             return
+        refusal = self._refusal(assignment)
+        if refusal is not None:
+            log.warning("task %s refused: %s", assignment.task_id, refusal)
+            self._report(assignment, executing.not_run("failed", refusal))
+            return
         request = executing.ExecRequest(
             task_id=assignment.task_id,
             attempt=assignment.attempt,
@@ -209,6 +230,7 @@ class Worker:
             timeout=float(assignment.timeout),
             workdir_root=self.options.workdir_root,
             output_limit=self.options.output_limit,
+            rlimits=rlimits(assignment),
         )
         holder: list[_Running] = []
         execution = executing.Execution(
@@ -227,19 +249,16 @@ class Worker:
             outcome = await run.execution.run()
         except Exception as exc:  # a bug here must not kill the worker
             log.exception("task %s attempt %d crashed the executor", a.task_id, a.attempt)
-            outcome = executing.ExecResult(
-                status="failed",
-                exit_code=None,
-                duration_ms=0,
-                stdout="",
-                stderr="",
-                stdout_dropped=0,
-                stderr_dropped=0,
-                error=f"worker error: {exc}",
-            )
+            outcome = executing.not_run("failed", f"worker error: {exc}")
         self._flush(run)
         if self.running.get(a.task_id) is run:
             del self.running[a.task_id]
+        if outcome.status == "cancelled" and run.aborted:
+            return  # the dispatcher no longer wants this run: nothing to report
+        self._report(a, outcome)
+
+    def _report(self, a: messages.TaskAssignment, outcome: executing.ExecResult) -> None:
+        """Keep the result until the dispatcher acknowledges it, and send it now if we can."""
         result = messages.Result(
             task_id=a.task_id,
             attempt=a.attempt,
@@ -253,10 +272,15 @@ class Worker:
             error=outcome.error,
         )
         self.completed += 1
-        if outcome.status == "cancelled" and run.aborted:
-            return  # the dispatcher no longer wants this run: nothing to report
         self.unacked[a.task_id] = result
         self._send_nowait(result)
+
+    def _refusal(self, assignment: messages.TaskAssignment) -> str | None:
+        """A task this worker cannot run as asked is failed, never run with less isolation."""
+        level = assignment.sandbox_level or self.options.sandbox_level
+        if level.rank > models.SandboxLevel.BASIC.rank:
+            return f"sandbox level {level.value} is not available in this octaskly version"
+        return None
 
     def _cancel(self, task_id: str, attempt: int, *, reason: str) -> None:
         run = self.running.get(task_id)

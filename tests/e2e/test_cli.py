@@ -174,6 +174,9 @@ def test_bad_config_exits_2_naming_key_file_and_line(
         ["frobnicate"],
         ["worker", "--label", "novalue"],
         ["list", "--status", "weird"],
+        ["worker", "--sandbox-level", "strict"],
+        ["worker", "--transport", "quic"],
+        ["dispatcher", "--role", "standby", "--primary-addr", "127.0.0.1:1"],
     ],
 )
 def test_usage_errors_exit_2(tmp_path: Path, args: list[str]) -> None:

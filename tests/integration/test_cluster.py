@@ -228,3 +228,26 @@ async def test_many_tasks_two_workers(cluster: Cluster) -> None:
     _, stats = await cluster.api("GET", "/api/v1/stats")
     assert stats["tasks"]["completed"] == 60 and stats["workers"]["total"] == 2
     assert stats["database"]["total_tasks"] == 60
+
+
+async def test_task_limits_are_enforced(cluster: Cluster) -> None:
+    await cluster.add_worker("w1", max_jobs=3)
+    cpu = await cluster.submit(command="while :; do :; done", cpu_seconds=1, timeout=60)
+    disk = await cluster.submit(command="head -c 120000000 /dev/zero > big", disk_limit_mb=100)
+    mem = await cluster.submit(
+        command="python3 -c 'bytearray(512 * 1024 * 1024)' || exit 9", memory_limit_mb=256
+    )
+    record = await cluster.wait_status(cpu, "failed")
+    assert "CPU time limit exceeded" in record["error"]
+    record = await cluster.wait_status(disk, "failed")
+    assert "file size limit exceeded" in record["error"]
+    record = await cluster.wait_status(mem, "failed")
+    assert record["exit_code"] == 9 and "MemoryError" in record["stderr"]
+
+
+async def test_sandbox_levels_this_worker_cannot_give_are_refused(cluster: Cluster) -> None:
+    await cluster.add_worker("w1")
+    marker = cluster.tmp / "ran"
+    task_id = await cluster.submit(command=f"touch {marker}", sandbox_level="very-strict")
+    record = await cluster.wait_status(task_id, "failed")
+    assert "very-strict" in record["error"] and not marker.exists()
