@@ -12,6 +12,7 @@ import asyncio
 import codecs
 import dataclasses
 import logging
+import os
 import resource
 import secrets
 from pathlib import Path
@@ -85,6 +86,12 @@ class Worker:
         self.connected = asyncio.Event()
         self.worker_id: str | None = None
         self.completed = 0
+        # Read the environment once: iterating os.environ per task costs more than a spawn.
+        self._base_env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.upper().startswith(executing.PRIVATE_ENV_PREFIX)
+        }
 
     # -- connection loop ------------------------------------------------------------------
     async def run(self) -> None:
@@ -234,7 +241,9 @@ class Worker:
         )
         holder: list[_Running] = []
         execution = executing.Execution(
-            request, on_output=lambda stream, data: self._on_output(holder[0], stream, data)
+            request,
+            base_env=self._base_env,
+            on_output=lambda stream, data: self._on_output(holder[0], stream, data),
         )
         run = _Running(assignment, execution)
         holder.append(run)
