@@ -56,6 +56,7 @@ WORKER_KEYS = [
     "secret_key_file",
     "data_dir",
     "output_limit_kb",
+    "work_dir",
     "connection_timeout",
     *COMMON_KEYS,
 ]

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -221,6 +222,7 @@ def worker_options(settings: config_settings.Settings) -> working.Options:
         max_jobs=w.max_jobs or cpus,
         sandbox_level=w.sandbox_level,
         output_limit=w.output_limit_kb * 1024,
+        workdir_root=w.work_dir or Path(tempfile.gettempdir()),
         connect_timeout=settings.performance.connection_timeout,
     )
 

@@ -24,6 +24,7 @@ DYNAMIC_DEFAULTS = {
     "worker_threads": "number of CPUs",
     "db_path": "<data dir>/octaskly.db",
     "data_dir": "directory of db_path, else ~/.octaskly",
+    "work_dir": "the system temp dir ($TMPDIR, else /tmp)",
     "name": "host name",
     "cpu_cores": "detected",
     "memory": "detected",

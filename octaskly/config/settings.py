@@ -311,6 +311,11 @@ class WorkerSettings(_Table):
     output_limit_kb: int = Field(
         default=1024, ge=1, le=1_048_576, description="Tail of stdout/stderr kept per task (KB)"
     )
+    work_dir: Path | None = Field(
+        default=None,
+        description="Where task working directories are made (a tmpfs makes spawning faster)",
+        examples=["/var/lib/octaskly/work"],
+    )
 
     @pydantic.field_validator("dispatcher_addr")
     @classmethod

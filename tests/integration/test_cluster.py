@@ -251,3 +251,14 @@ async def test_sandbox_levels_this_worker_cannot_give_are_refused(cluster: Clust
     task_id = await cluster.submit(command=f"touch {marker}", sandbox_level="very-strict")
     record = await cluster.wait_status(task_id, "failed")
     assert "very-strict" in record["error"] and not marker.exists()
+
+
+async def test_each_task_gets_its_own_workdir_under_work_dir(cluster: Cluster) -> None:
+    await cluster.add_worker("w1")
+    first = await cluster.submit(command="pwd; touch mine; ls")
+    second = await cluster.submit(command="pwd; ls")
+    out1 = (await cluster.wait_status(first, "completed"))["stdout"].split()
+    out2 = (await cluster.wait_status(second, "completed"))["stdout"].split()
+    assert out1[0].startswith(str(cluster.tmp)) and out1[1:] == ["mine"]
+    assert out2[0] != out1[0] and out2[1:] == []
+    assert not Path(out1[0]).exists()  # removed after the run
