@@ -135,6 +135,7 @@ class Execution:
         self.request = request
         self._on_output = on_output
         self._base_env = base_env
+        self._workdir: Path | None = None
         self._kill_grace = kill_grace
         self._drain_timeout = drain_timeout
         self._started = False
@@ -156,8 +157,13 @@ class Execution:
         if self._wakeup is not None and not self._wakeup.done():
             self._wakeup.set_result(None)
 
-    async def run(self) -> ExecResult:
-        """Run the command to its end; task failures are results, never exceptions."""
+    async def run(self, *, cleanup: bool = True) -> ExecResult:
+        """Run the command to its end; task failures are results, never exceptions.
+
+        With ``cleanup=False`` the workdir stays until :meth:`cleanup` is awaited, so a
+        caller can report the result first: removing a directory can block for a journal
+        commit when the file system is busy (e.g. with database fsyncs).
+        """
         if self._started:
             raise RuntimeError("an Execution runs only once")
         self._started = True
@@ -165,13 +171,25 @@ class Execution:
             return not_run("cancelled", "cancelled")
         self._wakeup = asyncio.get_running_loop().create_future()
         try:
-            workdir = _make_workdir(self.request)
+            self._workdir = _make_workdir(self.request)
         except OSError as exc:
             return not_run("failed", f"could not start: cannot create a workdir: {exc}")
         try:
-            return await self._run_in(workdir)
+            return await self._run_in(self._workdir)
         finally:
-            await _remove_workdir(workdir)
+            if cleanup:
+                await self.cleanup()
+
+    async def cleanup(self) -> None:
+        """Remove the run's workdir, off the event loop; idempotent."""
+        workdir, self._workdir = self._workdir, None
+        if workdir is None:
+            return
+        try:
+            os.rmdir(workdir)  # the common case, an empty workdir: one syscall, no thread
+        except OSError:
+            # In a thread: a task may leave a large tree behind; the loop must not stall.
+            await asyncio.to_thread(_remove_tree, workdir)
 
     async def _run_in(self, workdir: Path) -> ExecResult:
         request, loop = self.request, asyncio.get_running_loop()
@@ -330,14 +348,6 @@ def _make_workdir(request: ExecRequest) -> Path:
     except FileNotFoundError:  # first run with this root
         os.makedirs(root, mode=0o700, exist_ok=True)
         return Path(tempfile.mkdtemp(prefix=prefix, dir=root))
-
-
-async def _remove_workdir(path: Path) -> None:
-    try:
-        os.rmdir(path)  # the common case, an empty workdir, costs one syscall
-    except OSError:
-        # In a thread: a task may leave a large tree behind; the loop must not stall.
-        await asyncio.to_thread(_remove_tree, path)
 
 
 def _remove_tree(path: Path) -> None:

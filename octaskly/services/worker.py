@@ -255,16 +255,16 @@ class Worker:
     async def _execute(self, run: _Running) -> None:
         a = run.assignment
         try:
-            outcome = await run.execution.run()
+            outcome = await run.execution.run(cleanup=False)
         except Exception as exc:  # a bug here must not kill the worker
             log.exception("task %s attempt %d crashed the executor", a.task_id, a.attempt)
             outcome = executing.not_run("failed", f"worker error: {exc}")
         self._flush(run)
         if self.running.get(a.task_id) is run:
             del self.running[a.task_id]
-        if outcome.status == "cancelled" and run.aborted:
-            return  # the dispatcher no longer wants this run: nothing to report
-        self._report(a, outcome)
+        if not (outcome.status == "cancelled" and run.aborted):
+            self._report(a, outcome)  # (an aborted run is no longer wanted: no report)
+        await run.execution.cleanup()  # after the report: its latency is nobody's
 
     def _report(self, a: messages.TaskAssignment, outcome: executing.ExecResult) -> None:
         """Keep the result until the dispatcher acknowledges it, and send it now if we can."""

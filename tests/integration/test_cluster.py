@@ -261,4 +261,5 @@ async def test_each_task_gets_its_own_workdir_under_work_dir(cluster: Cluster) -
     out2 = (await cluster.wait_status(second, "completed"))["stdout"].split()
     assert out1[0].startswith(str(cluster.tmp)) and out1[1:] == ["mine"]
     assert out2[0] != out1[0] and out2[1:] == []
-    assert not Path(out1[0]).exists()  # removed after the run
+    # removed after the run (just after the result is reported)
+    await until(lambda: not Path(out1[0]).exists(), what="workdir removed")

@@ -122,6 +122,17 @@ async def test_workdir_with_files_is_removed_even_after_a_kill(tmp_path: Path) -
     assert Path("/").exists()  # the symlink was removed, not followed
 
 
+async def test_deferred_cleanup_keeps_the_workdir_until_asked(tmp_path: Path) -> None:
+    """The worker reports first and removes the workdir afterwards."""
+    job = executing.Execution(make_request(tmp_path, "echo kept > f; pwd"))
+    result = await job.run(cleanup=False)
+    workdir = Path(result.stdout.strip())
+    assert (workdir / "f").read_text() == "kept\n"
+    await job.cleanup()
+    assert not workdir.exists() and leftovers(tmp_path) == []
+    await job.cleanup()  # idempotent
+
+
 async def test_workdir_root_is_created_when_missing(tmp_path: Path) -> None:
     root = tmp_path / "deep" / "root"
     result = await run(tmp_path, "pwd", workdir_root=root)
