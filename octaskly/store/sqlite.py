@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
-import dataclasses
-import functools
-import itertools
 import logging
 import os
 import sqlite3
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -27,7 +25,7 @@ import aiosqlite
 
 from octaskly import errors
 from octaskly.domain import models
-from octaskly.store import base, faults, migrating, queries
+from octaskly.store import base, faults, migrating, queries, writing
 
 log = logging.getLogger(__name__)
 
@@ -35,34 +33,6 @@ MAX_BATCH = 1000  # operations per transaction: bounds one commit's latency
 READERS = 2
 BUSY_TIMEOUT_MS = 5000
 _ID_CHUNK = 500  # ids per `IN (...)`; far below SQLite's variable limit
-
-# Errors confined to one operation: its savepoint is rolled back and the batch goes on.
-# Anything else (a full disk, I/O errors) fails the whole transaction.
-_OP_ERRORS = (
-    sqlite3.IntegrityError,
-    sqlite3.ProgrammingError,
-    sqlite3.InterfaceError,
-    OverflowError,
-    TypeError,
-    ValueError,
-)
-
-
-@dataclasses.dataclass(slots=True, eq=False)
-class _Op:
-    """One queued write: rows to insert, or compare-and-set statements to run."""
-
-    future: asyncio.Future[Any] | None
-    tasks: Sequence[models.Task] = ()
-    rows: list[tuple[Any, ...]] = dataclasses.field(default_factory=list)
-    statements: list[tuple[str, list[Any]]] = dataclasses.field(default_factory=list)
-    seq_bumps: list[int | None] = dataclasses.field(default_factory=list)
-    result: Any = None
-    error: BaseException | None = None
-
-    @property
-    def is_insert(self) -> bool:
-        return bool(self.rows)
 
 
 class SQLiteStore:
@@ -81,12 +51,18 @@ class SQLiteStore:
         self._db: aiosqlite.Connection | None = None
         self._readers: list[aiosqlite.Connection] = []
         self._next_reader = 0
-        self._pending: collections.deque[_Op] = collections.deque()
-        self._inflight: list[_Op] = []
+        self._pending: collections.deque[writing.Op] = collections.deque()
+        self._inflight: list[writing.Op] = []
         self._wakeup = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._writer_failure: BaseException | None = None
-        self._next_seq = 1
+        self._batches = writing.BatchWriter(
+            self.path, synchronous=synchronous, busy_timeout_ms=BUSY_TIMEOUT_MS
+        )
+        # One thread runs whole batches: one hand-off per transaction, not per statement.
+        self._thread = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="octaskly-store-writer"
+        )
 
     # -- lifecycle ------------------------------------------------------------------------
     async def open(self) -> None:
@@ -135,7 +111,7 @@ class SQLiteStore:
             reader = await self._connect()
             self._readers.append(reader)
             await reader.execute("PRAGMA query_only = ON")
-        self._next_seq = int(await faults.scalar(self._db, queries.MAX_SEQ)) + 1
+        await asyncio.get_running_loop().run_in_executor(self._thread, self._batches.open)
 
     async def _connect(self) -> aiosqlite.Connection:
         # isolation_level=None: no implicit transactions; the writer says BEGIN itself.
@@ -155,6 +131,9 @@ class SQLiteStore:
         await db.execute("PRAGMA foreign_keys = ON")
 
     async def _close_connections(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._thread, self._batches.close)
+        self._thread.shutdown(wait=True)
         # Readers first: the last connection to close checkpoints and removes the WAL.
         connections = [*self._readers, *([self._db] if self._db is not None else [])]
         self._readers, self._db = [], None
@@ -172,7 +151,7 @@ class SQLiteStore:
             return []
         _check_unique(tasks)
         future = asyncio.get_running_loop().create_future()
-        self._submit(_Op(future, tasks=tasks, rows=[queries.task_row(t) for t in tasks]))
+        self._submit(writing.Op(future, tasks=tasks, rows=[queries.task_row(t) for t in tasks]))
         return cast(list[int], await future)
 
     async def apply(self, updates: Sequence[base.TaskUpdate]) -> list[bool]:
@@ -190,7 +169,7 @@ class SQLiteStore:
         if updates:
             self._submit(_update_op(updates, None))
 
-    def _submit(self, op: _Op) -> None:
+    def _submit(self, op: writing.Op) -> None:
         self._pending.append(op)
         self._wakeup.set()
 
@@ -234,8 +213,8 @@ class SQLiteStore:
             self._writer_failure = failure
             log.error("the database writer for %s died: %r", self.path, failure)
 
-    def _take_batch(self) -> list[_Op]:
-        batch: list[_Op] = []
+    def _take_batch(self) -> list[writing.Op]:
+        batch: list[writing.Op] = []
         while self._pending and len(batch) < MAX_BATCH:
             op = self._pending.popleft()
             if op.future is not None and op.future.done():
@@ -243,102 +222,17 @@ class SQLiteStore:
             batch.append(op)
         return batch
 
-    async def _write_batch(self, batch: list[_Op]) -> None:
-        db = self._writer_db()
-        first_seq = self._next_seq
-        try:
-            await db.execute("BEGIN IMMEDIATE")
-            for is_insert, group in itertools.groupby(batch, key=lambda op: op.is_insert):
-                ops = list(group)
-                if is_insert:
-                    await self._run_group(db, ops, self._insert_all, self._insert_one)
-                else:
-                    await self._run_group(db, ops, self._update_all, self._update_one)
-            await db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            await faults.rollback(db)
-            self._next_seq = first_seq
-            error = faults.storage_error(exc, self.path)
+    async def _write_batch(self, batch: list[writing.Op]) -> None:
+        loop = asyncio.get_running_loop()
+        error = await loop.run_in_executor(self._thread, self._batches.write_batch, batch)
+        if error is None:
+            self.commit_count += 1
+        else:
             log.error("a write of %d operations was rolled back: %s", len(batch), error)
             for op in batch:
                 op.error = op.error or error
-        else:
-            self.commit_count += 1
         for op in batch:
             _settle(op)
-
-    async def _run_group(
-        self,
-        db: aiosqlite.Connection,
-        ops: list[_Op],
-        run_all: Callable[[aiosqlite.Connection, list[_Op]], Awaitable[None]],
-        run_one: Callable[[aiosqlite.Connection, _Op], Awaitable[None]],
-    ) -> None:
-        """Run consecutive operations of one kind, isolating each one's failure.
-
-        Optimistically all in one savepoint (one executemany for inserts); only if that
-        fails, again one savepoint per operation to fail just the culprits.
-        """
-        if len(ops) > 1:
-            mark = self._next_seq
-            try:
-                await _in_savepoint(db, functools.partial(run_all, db, ops))
-                return
-            except _OP_ERRORS:
-                self._next_seq = mark
-        for op in ops:
-            mark = self._next_seq
-            try:
-                await _in_savepoint(db, functools.partial(run_one, db, op))
-            except _OP_ERRORS as exc:
-                self._next_seq = mark  # no gap in queue_seq for a rejected insert
-                op.error = await self._op_error(db, op, exc)
-
-    def _number(self, op: _Op) -> list[tuple[Any, ...]]:
-        start = self._next_seq
-        self._next_seq += len(op.rows)
-        op.result = list(range(start, self._next_seq))
-        return [(seq, *row) for seq, row in zip(op.result, op.rows, strict=True)]
-
-    async def _insert_all(self, db: aiosqlite.Connection, ops: list[_Op]) -> None:
-        rows = [row for op in ops for row in self._number(op)]
-        await db.executemany(queries.INSERT_TASK, rows)
-
-    async def _insert_one(self, db: aiosqlite.Connection, op: _Op) -> None:
-        await db.executemany(queries.INSERT_TASK, self._number(op))
-
-    async def _update_all(self, db: aiosqlite.Connection, ops: list[_Op]) -> None:
-        for op in ops:
-            await self._update_one(db, op)
-
-    async def _update_one(self, db: aiosqlite.Connection, op: _Op) -> None:
-        applied = []
-        for (sql, params), bump in zip(op.statements, op.seq_bumps, strict=True):
-            done = bool(list(await db.execute_fetchall(sql, params)))
-            if done and bump is not None:
-                self._next_seq = max(self._next_seq, bump + 1)
-            applied.append(done)
-        op.result = applied
-
-    async def _op_error(
-        self, db: aiosqlite.Connection, op: _Op, exc: BaseException
-    ) -> BaseException:
-        """The exception one rejected operation's caller gets."""
-        text = str(exc)
-        if op.is_insert and "tasks_idempotency" in text:
-            duplicate = await _existing_key(db, op.tasks)
-            if duplicate is not None:
-                return duplicate
-        if op.is_insert and "tasks.id" in text:
-            return errors.ConflictError("a task with one of these ids exists already")
-        if isinstance(exc, ValueError):
-            return exc
-        return ValueError(f"the database rejected the write: {exc}")
-
-    def _writer_db(self) -> aiosqlite.Connection:
-        if self._db is None:
-            raise errors.StorageError(f"store {self.path} is closed")
-        return self._db
 
     # -- reading --------------------------------------------------------------------------
     async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
@@ -452,14 +346,16 @@ def _check_unique(tasks: Sequence[models.Task]) -> None:
             keys.add(key)
 
 
-def _update_op(updates: Sequence[base.TaskUpdate], future: asyncio.Future[Any] | None) -> _Op:
+def _update_op(
+    updates: Sequence[base.TaskUpdate], future: asyncio.Future[Any] | None
+) -> writing.Op:
     # Statements are built in the caller, so a bad value fails there, not in the batch.
-    op = _Op(future, statements=[queries.update_statement(u) for u in updates])
+    op = writing.Op(future, statements=[queries.update_statement(u) for u in updates])
     op.seq_bumps = [u.changes.get("queue_seq") for u in updates]
     return op
 
 
-def _settle(op: _Op) -> None:
+def _settle(op: writing.Op) -> None:
     if op.future is None:
         if op.error is not None:
             log.warning("a background write failed and was dropped: %s", op.error)
@@ -470,33 +366,6 @@ def _settle(op: _Op) -> None:
         op.future.set_exception(op.error)
     else:
         op.future.set_result(op.result)
-
-
-async def _in_savepoint(db: aiosqlite.Connection, work: Callable[[], Awaitable[None]]) -> None:
-    await db.execute("SAVEPOINT op")
-    try:
-        await work()
-    except _OP_ERRORS:
-        await db.execute("ROLLBACK TO op")
-        await db.execute("RELEASE op")
-        raise
-    await db.execute("RELEASE op")
-
-
-async def _existing_key(
-    db: aiosqlite.Connection, tasks: Sequence[models.Task]
-) -> base.DuplicateIdempotencyKey | None:
-    by_owner: dict[str | None, list[str]] = {}
-    for task in tasks:
-        if task.idempotency_key is not None:
-            by_owner.setdefault(task.owner, []).append(task.idempotency_key)
-    for owner, keys in by_owner.items():
-        rows = list(
-            await db.execute_fetchall(queries.existing_keys(len(keys)), [owner or "", *keys])
-        )
-        if rows:
-            return base.DuplicateIdempotencyKey(owner, str(rows[0][0]))
-    return None
 
 
 def _prepare_file(path: Path) -> None:

@@ -1,0 +1,195 @@
+"""The synchronous half of group commit: one batch of writes, one transaction, one fsync,
+run start to finish on the store's writer thread.
+
+The whole batch is a single hand-off to that thread: a thread hop per statement (as an
+async driver makes) costs more than the statements themselves once batches are large.
+Each operation runs in its own savepoint, so one caller's failure (a duplicate
+idempotency key) rolls back only its own work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import sqlite3
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from octaskly import errors
+from octaskly.domain import models
+from octaskly.store import base, faults, queries
+
+# Errors confined to one operation: its savepoint is rolled back and the batch goes on.
+# Anything else (a full disk, I/O errors) fails the whole transaction.
+OP_ERRORS = (
+    sqlite3.IntegrityError,
+    sqlite3.ProgrammingError,
+    sqlite3.InterfaceError,
+    OverflowError,
+    TypeError,
+    ValueError,
+)
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class Op:
+    """One queued write: rows to insert, or compare-and-set statements to run."""
+
+    future: asyncio.Future[Any] | None
+    tasks: Sequence[models.Task] = ()
+    rows: list[tuple[Any, ...]] = dataclasses.field(default_factory=list)
+    statements: list[tuple[str, list[Any]]] = dataclasses.field(default_factory=list)
+    seq_bumps: list[int | None] = dataclasses.field(default_factory=list)
+    result: Any = None
+    error: BaseException | None = None
+
+    @property
+    def is_insert(self) -> bool:
+        return bool(self.rows)
+
+
+class BatchWriter:
+    """Owns the writing connection; every method runs on the writer thread."""
+
+    def __init__(self, path: Path, *, synchronous: str, busy_timeout_ms: int) -> None:
+        self.path = path
+        self._synchronous = synchronous
+        self._busy_timeout_ms = busy_timeout_ms
+        self._db: sqlite3.Connection | None = None
+        self.next_seq = 1
+
+    def open(self) -> None:
+        # isolation_level=None: no implicit transactions; BEGIN is said explicitly.
+        db = sqlite3.connect(
+            self.path,
+            isolation_level=None,
+            check_same_thread=False,
+            timeout=self._busy_timeout_ms / 1000,
+            cached_statements=256,
+        )
+        db.execute(f"PRAGMA synchronous = {self._synchronous.upper()}")
+        db.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
+        db.execute("PRAGMA foreign_keys = ON")
+        self.next_seq = int(db.execute(queries.MAX_SEQ).fetchone()[0]) + 1
+        self._db = db
+
+    def close(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            db.close()
+
+    def write_batch(self, batch: list[Op]) -> BaseException | None:
+        """Run and commit `batch`; on failure roll it all back and return the error.
+
+        Results and per-operation errors are left on the ops for the loop to hand out.
+        """
+        db = self._db
+        if db is None:
+            return errors.StorageError(f"the database writer for {self.path} is closed")
+        first_seq = self.next_seq
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for is_insert, group in itertools.groupby(batch, key=lambda op: op.is_insert):
+                ops = list(group)
+                if is_insert:
+                    self._run_group(db, ops, self._insert_all, self._insert_one)
+                else:
+                    self._run_group(db, ops, self._update_all, self._update_one)
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")  # SQLite may have rolled back itself (SQLITE_FULL)
+            self.next_seq = first_seq
+            return faults.storage_error(exc, self.path)
+        return None
+
+    def _run_group(
+        self,
+        db: sqlite3.Connection,
+        ops: list[Op],
+        run_all: Callable[[sqlite3.Connection, list[Op]], None],
+        run_one: Callable[[sqlite3.Connection, Op], None],
+    ) -> None:
+        """Consecutive operations of one kind: optimistically in one savepoint (one
+        executemany for inserts); only if that fails, one savepoint per operation."""
+        if len(ops) > 1:
+            mark = self.next_seq
+            try:
+                _in_savepoint(db, lambda: run_all(db, ops))
+                return
+            except OP_ERRORS:
+                self.next_seq = mark
+        for op in ops:
+            mark = self.next_seq
+            try:
+                _in_savepoint(db, lambda op=op: run_one(db, op))  # type: ignore[misc]
+            except OP_ERRORS as exc:
+                self.next_seq = mark  # no gap in queue_seq for a rejected insert
+                op.error = _op_error(db, op, exc)
+
+    def _number(self, op: Op) -> list[tuple[Any, ...]]:
+        start = self.next_seq
+        self.next_seq += len(op.rows)
+        op.result = list(range(start, self.next_seq))
+        return [(seq, *row) for seq, row in zip(op.result, op.rows, strict=True)]
+
+    def _insert_all(self, db: sqlite3.Connection, ops: list[Op]) -> None:
+        db.executemany(queries.INSERT_TASK, [row for op in ops for row in self._number(op)])
+
+    def _insert_one(self, db: sqlite3.Connection, op: Op) -> None:
+        db.executemany(queries.INSERT_TASK, self._number(op))
+
+    def _update_all(self, db: sqlite3.Connection, ops: list[Op]) -> None:
+        for op in ops:
+            self._update_one(db, op)
+
+    def _update_one(self, db: sqlite3.Connection, op: Op) -> None:
+        applied = []
+        for (sql, params), bump in zip(op.statements, op.seq_bumps, strict=True):
+            done = db.execute(sql, params).fetchone() is not None
+            if done and bump is not None:
+                self.next_seq = max(self.next_seq, bump + 1)
+            applied.append(done)
+        op.result = applied
+
+
+def _in_savepoint(db: sqlite3.Connection, work: Callable[[], None]) -> None:
+    db.execute("SAVEPOINT op")
+    try:
+        work()
+    except OP_ERRORS:
+        db.execute("ROLLBACK TO op")
+        db.execute("RELEASE op")
+        raise
+    db.execute("RELEASE op")
+
+
+def _op_error(db: sqlite3.Connection, op: Op, exc: BaseException) -> BaseException:
+    """The exception one rejected operation's caller gets."""
+    text = str(exc)
+    if op.is_insert and "tasks_idempotency" in text:
+        duplicate = _existing_key(db, op.tasks)
+        if duplicate is not None:
+            return duplicate
+    if op.is_insert and "tasks.id" in text:
+        return errors.ConflictError("a task with one of these ids exists already")
+    if isinstance(exc, ValueError):
+        return exc
+    return ValueError(f"the database rejected the write: {exc}")
+
+
+def _existing_key(
+    db: sqlite3.Connection, tasks: Sequence[models.Task]
+) -> base.DuplicateIdempotencyKey | None:
+    by_owner: dict[str | None, list[str]] = {}
+    for task in tasks:
+        if task.idempotency_key is not None:
+            by_owner.setdefault(task.owner, []).append(task.idempotency_key)
+    for owner, keys in by_owner.items():
+        row = db.execute(queries.existing_keys(len(keys)), [owner or "", *keys]).fetchone()
+        if row is not None:
+            return base.DuplicateIdempotencyKey(owner, str(row[0]))
+    return None
