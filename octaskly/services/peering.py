@@ -263,14 +263,20 @@ class Peers:
         session.send(messages.ResultAck(task_id=result.task_id, attempt=result.attempt))
 
     async def _send_forever(self, session: Session) -> None:
+        """Write what is queued for the worker, all of it in one go (one syscall)."""
         while True:
-            message = await session.outbox.get()
-            if message is None:
-                return
+            batch = [await session.outbox.get()]
+            while not session.outbox.empty() and batch[-1] is not None:
+                batch.append(session.outbox.get_nowait())
+            closing = batch[-1] is None
+            frames = [m for m in batch if m is not None]
             try:
-                await session.conn.send(message)
+                if frames:
+                    await session.conn.send_many(frames)
             except (ConnectionError, OSError):
                 session.conn.close()
+                return
+            if closing:
                 return
 
     async def _leave(self, session: Session, reason: str) -> None:

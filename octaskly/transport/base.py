@@ -16,6 +16,9 @@ class Connection(Protocol):
     async def send(self, message: dict[str, Any]) -> None:
         """Send one message; raises ConnectionError if the connection is gone."""
 
+    async def send_many(self, messages: list[dict[str, Any]]) -> None:
+        """Send several messages in order, written together."""
+
     def send_nowait(self, message: dict[str, Any]) -> None:
         """Queue one message behind those already sent, without waiting for buffer space."""
 

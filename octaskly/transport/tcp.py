@@ -39,6 +39,12 @@ class TCPConnection:
         self._writer.write(framing.encode(message))
         await self._writer.drain()
 
+    async def send_many(self, messages: list[dict[str, Any]]) -> None:
+        if self._writer.is_closing():
+            raise ConnectionError("connection closed")
+        self._writer.write(b"".join(framing.encode(m) for m in messages))
+        await self._writer.drain()
+
     def send_nowait(self, message: dict[str, Any]) -> None:
         if self._writer.is_closing():
             raise ConnectionError("connection closed")
