@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYZ    ?= dist/octaskly.pyz
 
-.PHONY: dev venv test lint typecheck unit pyz clean
+.PHONY: dev venv test lint typecheck unit pyz bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,12 @@ pyz: $(STAMP)
 	$(BIN)/shiv --reproducible --compressed -c octaskly -o $(PYZ) \
 		-p '/usr/bin/env python3' .
 	@echo "built $(PYZ) ($$(du -h $(PYZ) | cut -f1))"
+
+## bench: measure throughput, latency, memory and startup against issue 3's targets
+## (about 5 minutes; BENCH_ARGS="--quick" or e.g. "--tasks 2000 --scale-depths 1000,10000")
+BENCH_ARGS ?=
+bench: $(STAMP)
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf dist build *.egg-info .mypy_cache .ruff_cache .pytest_cache

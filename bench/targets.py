@@ -1,0 +1,111 @@
+"""Issue 3's targets, checked against a results dict. The harness reports; it never fails
+a run for a missed target."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+MIB = 1024 * 1024
+FLAT_RATIO = 1.5  # the harness's reading of "flat": the largest depth costs <= 1.5x per task
+ONE_MILLION = 1_000_000
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    name: str
+    where: str
+    value: float | None
+    limit: float
+    higher_is_better: bool
+    unit: str
+
+    @property
+    def verdict(self) -> str:
+        if self.value is None:
+            return "n/a"
+        ok = self.value >= self.limit if self.higher_is_better else self.value <= self.limit
+        return "PASS" if ok else "FAIL"
+
+
+def _get(results: dict[str, Any], *path: str) -> Any:
+    node: Any = results
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def _scale_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(_get(results, "scale", "depths") or [])
+
+
+def flatness(results: dict[str, Any]) -> tuple[float | None, str]:
+    """CPU per assignment at the largest depth over that at the smallest depth whose window
+    is long (at least 10x the assignments held before it started)."""
+    rows = [r for r in _scale_rows(results) if r["assignments"] >= 10 * r["held_before_window"]]
+    if len(rows) < 2:
+        return None, "needs two depths with windows >= 10x the held assignments"
+    low, high = rows[0], rows[-1]
+    ratio = high["dispatcher_cpu_ms_per_assignment"] / low["dispatcher_cpu_ms_per_assignment"]
+    return ratio, f"{high['depth']:,} vs {low['depth']:,} queued"
+
+
+def _rss_at_million(results: dict[str, Any]) -> float | None:
+    for row in _scale_rows(results):
+        if row["depth"] >= ONE_MILLION:
+            return float(row["dispatcher_rss_peak"]) / MIB
+    return None
+
+
+def _ratio(results: dict[str, Any]) -> float | None:
+    rate, limit = _get(results, "batch", "tasks_per_second"), _get(results, "limit", "per_second")
+    return None if rate is None or not limit else 100 * rate / limit
+
+
+def _min_rate(results: dict[str, Any]) -> float | None:
+    rates = [r["assignments_per_second"] for r in _scale_rows(results)]
+    return min(rates) if rates else None
+
+
+def _scaled(value: Any, factor: float) -> float | None:
+    return None if value is None else float(value) * factor
+
+
+Getter = Callable[[dict[str, Any]], float | None]
+BUSY = "batch scenario (all queued at once: slots busy)"
+PROBE = "latency probe (free slots)"
+
+# (name, where, value, limit, higher is better, unit)
+TABLE: tuple[tuple[str, str, Getter, float, bool, str], ...] = (
+    ("batch throughput", "batch", lambda r: _get(r, "batch", "tasks_per_second"), 1000, True,
+     "tasks/s"),
+    ("batch throughput / limit", "batch", lambda r: _ratio(r), 60, True, "%"),
+    ("single throughput", "single", lambda r: _get(r, "single", "tasks_per_second"), 500, True,
+     "tasks/s"),
+    ("queue→start p50", BUSY, lambda r: _get(r, "batch", "queue_to_start", "p50_ms"), 5, False,
+     "ms"),
+    ("queue→start p99", BUSY, lambda r: _get(r, "batch", "queue_to_start", "p99_ms"), 50, False,
+     "ms"),
+    ("queue→start p50", PROBE, lambda r: _get(r, "batch", "probe", "queue_to_start", "p50_ms"),
+     5, False, "ms"),
+    ("queue→start p99", PROBE, lambda r: _get(r, "batch", "probe", "queue_to_start", "p99_ms"),
+     50, False, "ms"),
+    ("scale assignments/s", "slowest depth", lambda r: _min_rate(r), 5000, True, "/s"),
+    ("dispatcher RSS at 1M queued", "scale, peak", lambda r: _rss_at_million(r), 300, False,
+     "MiB"),
+    ("dispatcher idle RSS", "startup",
+     lambda r: _scaled(_get(r, "startup", "idle", "rss_bytes"), 1 / MIB), 80, False, "MiB"),
+    ("octaskly.pyz --version cold", "startup, median of 5",
+     lambda r: _get(r, "startup", "pyz", "direct_median_seconds"), 1.0, False, "s"),
+)  # fmt: skip
+
+
+def evaluate(results: dict[str, Any]) -> list[Target]:
+    """Every target with its measured value (None when its scenario did not run)."""
+    found = [Target(n, w, value(results), lim, hi, u) for n, w, value, lim, hi, u in TABLE]
+    flat, flat_where = flatness(results)
+    found.insert(8, Target("scale per-task cost flat", flat_where, flat, FLAT_RATIO, False, "x"))
+    return found
