@@ -113,14 +113,52 @@ def unfit_reason(req: models.Requirements, capacities: Sequence[models.Resources
     return "; ".join(reasons)
 
 
+def is_plain(req: models.Requirements) -> bool:
+    """True for a task that asks for nothing: any worker with a free job slot fits it."""
+    return not (req.cpu_cores or req.memory_mb or req.gpu or req.labels)
+
+
+def _slot_key(slot: WorkerSlot) -> tuple[float, int, str]:
+    return (slot.running / slot.max_jobs, slot.running, slot.id)
+
+
 def _best_slot(req: models.Requirements, slots: Sequence[WorkerSlot]) -> WorkerSlot | None:
     best: WorkerSlot | None = None
+    best_key: tuple[float, int, str] | None = None
     for slot in slots:
-        if fits_now(req, slot) and (
-            best is None or (slot.load, slot.running, slot.id) < (best.load, best.running, best.id)
-        ):
-            best = slot
+        if fits_now(req, slot):
+            key = _slot_key(slot)
+            if best_key is None or key < best_key:
+                best, best_key = slot, key
     return best
+
+
+class _LeastLoaded:
+    """The slots with room, least-loaded first: O(log n) per pick for plain tasks.
+
+    Entries go stale when a slot takes a task with requirements (picked by a full scan);
+    each update pushes a fresh entry, and a popped entry whose `running` no longer matches
+    its slot is dropped.
+    """
+
+    def __init__(self, slots: Sequence[WorkerSlot]) -> None:
+        self._heap = [(*_slot_key(s), i) for i, s in enumerate(slots) if s.has_room]
+        heapq.heapify(self._heap)
+        self._slots = slots
+
+    def pick(self) -> WorkerSlot | None:
+        heap = self._heap
+        while heap:
+            _, running, _, index = heap[0]
+            slot = self._slots[index]
+            if slot.running == running and slot.has_room:
+                return slot
+            heapq.heappop(heap)
+        return None
+
+    def updated(self, slot: WorkerSlot, index: int) -> None:
+        if slot.has_room:
+            heapq.heappush(self._heap, (*_slot_key(slot), index))
 
 
 def plan(
@@ -132,7 +170,8 @@ def plan(
     """Assign as many candidates as fit, best effective priority first.
 
     `candidates` holds, per priority, the first queued tasks in FIFO order. The slots in
-    `workers` are updated in place to reflect the assignments made.
+    `workers` are updated in place to reflect the assignments made. A task without
+    requirements costs O(log workers); one with requirements scans the workers.
     """
     free = sum(max(0, s.max_jobs - s.running) for s in workers if s.accepting)
     heap: list[tuple[float, int, int, models.Priority]] = []
@@ -148,15 +187,19 @@ def plan(
                 )
             )
     heapq.heapify(heap)
+    index_of = {id(s): i for i, s in enumerate(workers)}
+    least = _LeastLoaded(workers)
     assignments: list[Assignment] = []
     while heap and free > 0:
         _, _, index, priority = heapq.heappop(heap)
         cand = candidates[priority][index]
-        slot = _best_slot(cand.requirements, workers)
+        req = cand.requirements
+        slot = least.pick() if is_plain(req) else _best_slot(req, workers)
         if slot is not None:
             slot.running += 1
-            slot.cpu_used += cand.requirements.cpu_cores
-            slot.memory_used += cand.requirements.memory_mb
+            slot.cpu_used += req.cpu_cores
+            slot.memory_used += req.memory_mb
+            least.updated(slot, index_of[id(slot)])
             free -= 1
             assignments.append(Assignment(cand.id, slot.id))
         nxt = index + 1

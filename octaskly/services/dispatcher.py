@@ -371,7 +371,7 @@ class Dispatcher:
         for refs in candidates.values():
             for ref in refs:
                 req = ref.requirements
-                if not (req.cpu_cores or req.memory_mb or req.gpu or req.labels):
+                if scheduling.is_plain(req):
                     continue  # fits any worker: waiting for a free slot, not unfit
                 if ref.id not in assigned:
                     reason = scheduling.unfit_reason(ref.requirements, capacities)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hypothesis
 import pytest
+from hypothesis import strategies as st
 
 from octaskly.domain import models, scheduling
 from octaskly.domain.models import Priority, Requirements, Resources, TaskStatus
@@ -220,3 +222,82 @@ def test_priority_parse() -> None:
     for bad in ("urgent", 7, True, None, 1.5):
         with pytest.raises(ValueError):
             models.Priority.parse(bad)
+
+
+# -- properties: the fast path for plain tasks decides exactly like a full scan ---------------
+
+_req = st.one_of(
+    st.just({}),
+    st.fixed_dictionaries({"cpu_cores": st.sampled_from([0.5, 1, 2, 8])}),
+    st.fixed_dictionaries({"memory_mb": st.sampled_from([256, 4096, 20000])}),
+    st.fixed_dictionaries({"gpu": st.just(True)}),
+    st.fixed_dictionaries({"labels": st.just({"zone": "a"})}),
+)
+_cands = st.lists(st.tuples(st.sampled_from(list(Priority)), _req), max_size=40)
+_slots = st.lists(
+    st.tuples(
+        st.integers(1, 4),
+        st.integers(0, 4),
+        st.booleans(),
+        st.sampled_from([{}, {"zone": "a"}]),
+        st.booleans(),
+    ),
+    max_size=12,
+)
+
+
+def _reference_plan(
+    cands: dict[Priority, list[scheduling.Candidate]],
+    slots: list[scheduling.WorkerSlot],
+) -> list[scheduling.Assignment]:
+    """The plain definition: by effective priority then FIFO, each to the fitting slot
+    with the lowest (load, running, id)."""
+    order = sorted(
+        (c for seq in cands.values() for c in seq),
+        key=lambda c: (-scheduling.effective_priority(c.priority, c.enqueued_at, NOW, POLICY),
+                       c.queue_seq),
+    )  # fmt: skip
+    out = []
+    for c in order:
+        fitting = [s for s in slots if scheduling.fits_now(c.requirements, s)]
+        if fitting:
+            s = min(fitting, key=lambda s: (s.running / s.max_jobs, s.running, s.id))
+            s.running += 1
+            s.cpu_used += c.requirements.cpu_cores
+            s.memory_used += c.requirements.memory_mb
+            out.append(scheduling.Assignment(c.id, s.id))
+    return out
+
+
+def _build(
+    raw_cands: list[tuple[Priority, dict[str, object]]],
+    raw_slots: list[tuple[int, int, bool, dict[str, str], bool]],
+) -> tuple[dict[Priority, list[scheduling.Candidate]], list[scheduling.WorkerSlot]]:
+    cands = by_class(*(cand(f"t{i}", i, p, **r) for i, (p, r) in enumerate(raw_cands)))
+    slots = [
+        scheduling.WorkerSlot(
+            f"w{i}",
+            Resources(cpu_cores=4, memory_mb=8192, gpu=gpu, labels=labels),
+            max_jobs,
+            min(running, max_jobs),
+            accepting=accepting,
+        )
+        for i, (max_jobs, running, gpu, labels, accepting) in enumerate(raw_slots)
+    ]
+    return cands, slots
+
+
+@hypothesis.given(_cands, _slots)
+@hypothesis.settings(max_examples=300, deadline=None)
+def test_plan_matches_full_scan_and_respects_capacity(
+    raw_cands: list[tuple[Priority, dict[str, object]]],
+    raw_slots: list[tuple[int, int, bool, dict[str, str], bool]],
+) -> None:
+    cands, slots = _build(raw_cands, raw_slots)
+    ref_cands, ref_slots = _build(raw_cands, raw_slots)
+    got = scheduling.plan(cands, slots, NOW, POLICY)
+    assert got == _reference_plan(ref_cands, ref_slots)
+    for s in slots:
+        assert s.running <= s.max_jobs
+        assert s.cpu_used <= s.capacity.cpu_cores and s.memory_used <= s.capacity.memory_mb
+    assert len({a.task_id for a in got}) == len(got)
