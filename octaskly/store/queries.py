@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from octaskly.domain import models
 from octaskly.store import base
@@ -115,26 +115,63 @@ def count_tasks(where: str) -> str:
     return f"SELECT count(*) FROM tasks{where}"
 
 
-@functools.lru_cache(maxsize=256)
-def update_task(columns: tuple[str, ...], statuses: int, with_attempts: bool) -> str:
-    """A compare-and-set update returning a row only when it applied.
+class UpdateShape(NamedTuple):
+    """What a compare-and-set update changes and checks; updates of one shape can share
+    one statement. `columns` come from `store.base.UPDATABLE_COLUMNS` (validated by
+    TaskUpdate), so formatting them into SQL is safe."""
 
-    `columns` come from `store.base.UPDATABLE_COLUMNS` (validated by TaskUpdate), so
-    formatting them into the statement is safe. Parameters: the new values in `columns`
-    order, the task id, `statuses` expected statuses, then the expected attempts.
-    """
+    columns: tuple[str, ...]
+    statuses: int
+    with_attempts: bool
+
+
+class Update(NamedTuple):
+    """One compare-and-set update: its shape and its parameters (the new values in
+    `columns` order, the task id, the expected statuses, then the expected attempts)."""
+
+    shape: UpdateShape
+    params: list[Any]
+
+    @property
+    def task_id(self) -> Any:
+        return self.params[len(self.shape.columns)]
+
+
+@functools.lru_cache(maxsize=256)
+def update_task(shape: UpdateShape) -> str:
+    """The statement of one update, returning a row only when it applied."""
     where = "id = ?"
-    if statuses:
-        where += f" AND status IN ({', '.join('?' for _ in range(statuses))})"
-    if with_attempts:
+    if shape.statuses:
+        where += f" AND status IN ({', '.join('?' for _ in range(shape.statuses))})"
+    if shape.with_attempts:
         where += " AND attempts = ?"
-    if not columns:  # nothing to change: report whether the expectations hold
+    if not shape.columns:  # nothing to change: report whether the expectations hold
         return f"SELECT 1 FROM tasks WHERE {where}"
-    assignments = ", ".join(f"{c} = ?" for c in columns)
+    assignments = ", ".join(f"{c} = ?" for c in shape.columns)
     return f"UPDATE tasks SET {assignments} WHERE {where} RETURNING 1"
 
 
-def update_statement(update: base.TaskUpdate) -> tuple[str, list[Any]]:
+@functools.lru_cache(maxsize=1024)
+def update_tasks(shape: UpdateShape, rows: int) -> str:
+    """One statement for `rows` updates of one shape (distinct task ids), returning the ids
+    of the tasks it changed. Parameters: each update's, one after the other."""
+    width = len(shape.columns) + 1 + shape.statuses + int(shape.with_attempts)
+    row = f"({', '.join('?' for _ in range(width))})"
+    col = [f"v.column{i}" for i in range(1, width + 1)]
+    n = len(shape.columns)
+    assignments = ", ".join(f"{c} = {col[i]}" for i, c in enumerate(shape.columns))
+    where = f"tasks.id = {col[n]}"
+    if shape.statuses:
+        where += f" AND tasks.status IN ({', '.join(col[n + 1 : n + 1 + shape.statuses])})"
+    if shape.with_attempts:
+        where += f" AND tasks.attempts = {col[-1]}"
+    return (
+        f"UPDATE tasks SET {assignments} FROM (VALUES {', '.join([row] * rows)}) AS v "
+        f"WHERE {where} RETURNING tasks.id"
+    )
+
+
+def update_statement(update: base.TaskUpdate) -> Update:
     """The compare-and-set statement of one TaskUpdate and its parameters."""
     columns = tuple(sorted(update.changes))
     values = [
@@ -148,8 +185,8 @@ def update_statement(update: base.TaskUpdate) -> tuple[str, list[Any]]:
     if expected is not None and not statuses:
         statuses = [""]  # no status expected: match no row (CHECK forbids '')
     attempts = [] if update.expect_attempts is None else [update.expect_attempts]
-    sql = update_task(columns, len(statuses), bool(attempts))
-    return sql, [*values, update.task_id, *statuses, *attempts]
+    shape = UpdateShape(columns, len(statuses), bool(attempts))
+    return Update(shape, [*values, update.task_id, *statuses, *attempts])
 
 
 _DEFAULT_REQUIREMENTS = models.Requirements()

@@ -41,7 +41,7 @@ class Op:
     future: asyncio.Future[Any] | None
     tasks: Sequence[models.Task] = ()
     rows: list[tuple[Any, ...]] = dataclasses.field(default_factory=list)
-    statements: list[tuple[str, list[Any]]] = dataclasses.field(default_factory=list)
+    statements: list[queries.Update] = dataclasses.field(default_factory=list)
     seq_bumps: list[int | None] = dataclasses.field(default_factory=list)
     result: Any = None
     error: BaseException | None = None
@@ -143,17 +143,59 @@ class BatchWriter:
         db.executemany(queries.INSERT_TASK, self._number(op))
 
     def _update_all(self, db: sqlite3.Connection, ops: list[Op]) -> None:
+        """Every update of `ops` in order; a run of consecutive updates of one shape on
+        distinct tasks goes as one statement (one trip into SQLite, not one per task)."""
+        run: list[tuple[Op, int, queries.Update]] = []
+        ids: set[Any] = set()
         for op in ops:
-            self._update_one(db, op)
+            op.result = [False] * len(op.statements)
+            for i, (update, bump) in enumerate(zip(op.statements, op.seq_bumps, strict=True)):
+                joins = (
+                    bump is None
+                    and update.shape.columns
+                    and run
+                    and run[0][2].shape == update.shape
+                    and update.task_id not in ids
+                    and len(run) < _rows_per_statement(update.shape)
+                )
+                if not joins:
+                    self._run_updates(db, run)
+                    run, ids = [], set()
+                if bump is None and update.shape.columns:
+                    run.append((op, i, update))
+                    ids.add(update.task_id)
+                else:
+                    op.result[i] = self._update(db, update, bump)
+        self._run_updates(db, run)
+
+    def _run_updates(
+        self, db: sqlite3.Connection, run: list[tuple[Op, int, queries.Update]]
+    ) -> None:
+        if len(run) == 1:
+            op, i, update = run[0]
+            op.result[i] = self._update(db, update, None)
+        elif run:
+            shape = run[0][2].shape
+            params = [p for _, _, update in run for p in update.params]
+            changed = {row[0] for row in db.execute(queries.update_tasks(shape, len(run)), params)}
+            for op, i, update in run:
+                op.result[i] = update.task_id in changed
 
     def _update_one(self, db: sqlite3.Connection, op: Op) -> None:
-        applied = []
-        for (sql, params), bump in zip(op.statements, op.seq_bumps, strict=True):
-            done = db.execute(sql, params).fetchone() is not None
-            if done and bump is not None:
-                self.next_seq = max(self.next_seq, bump + 1)
-            applied.append(done)
-        op.result = applied
+        self._update_all(db, [op])
+
+    def _update(self, db: sqlite3.Connection, update: queries.Update, bump: int | None) -> bool:
+        done = db.execute(queries.update_task(update.shape), update.params).fetchone() is not None
+        if done and bump is not None:
+            self.next_seq = max(self.next_seq, bump + 1)
+        return done
+
+
+def _rows_per_statement(shape: queries.UpdateShape) -> int:
+    """Updates one statement may carry: at most 500, within SQLite's bound on parameters
+    (32,766 since 3.32)."""
+    width = len(shape.columns) + 1 + shape.statuses + int(shape.with_attempts)
+    return min(500, 30_000 // width)
 
 
 def _in_savepoint(db: sqlite3.Connection, work: Callable[[], None]) -> None:

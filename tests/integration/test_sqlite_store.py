@@ -176,6 +176,63 @@ async def test_a_rejected_update_fails_only_its_caller(
     assert "a background write failed" in caplog.text
 
 
+async def test_updates_sharing_a_batch_apply_in_order_with_their_own_outcomes(
+    tmp_path: Path,
+) -> None:
+    """The writer sends runs of same-shaped updates as one statement; the outcome must be
+    what applying them one by one, in order, gives."""
+    running, completed = models.TaskStatus.RUNNING, models.TaskStatus.COMPLETED
+    queued = models.TaskStatus.QUEUED
+    async with opened(tmp_path / "octaskly.db") as store:
+        tasks = [testing.new_task() for _ in range(60)]
+        await store.insert_tasks(tasks)
+        ids = [t.id for t in tasks]
+        marks = [
+            base.TaskUpdate(i, {"status": running, "attempts": 1, "worker_id": "w"},
+                            expect_status=queued)
+            for i in ids[:50]
+        ]  # fmt: skip
+
+        def result(task_id: str, code: int) -> base.TaskUpdate:
+            return base.TaskUpdate(
+                task_id,
+                {"status": completed, "exit_code": code},
+                expect_status=running,
+                expect_attempts=1,
+            )
+
+        calls = [
+            store.apply(marks),
+            *(store.apply([result(i, 0)]) for i in ids[:40]),
+            store.apply([result(ids[0], 9)]),  # same task again: now completed, must not apply
+            store.apply([result(ids[55], 0)]),  # never marked running
+            store.apply([result(ids[41], 0), result(ids[41], 7)]),  # twice in one call
+            store.apply([result(ids[44], 3)]),
+        ]
+        before = store.commit_count
+        got = await asyncio.gather(*calls)
+        assert store.commit_count - before <= 2, "the calls were meant to share batches"
+        assert got[0] == [True] * 50
+        assert got[1:41] == [[True]] * 40
+        assert got[41:] == [[False], [False], [True, False], [True]]
+        # One call's unbindable value fails that call alone, in a batch that then goes
+        # update by update.
+        got = await asyncio.gather(
+            store.apply([result(ids[45], 1)]),
+            store.apply([result(ids[42], 0), base.TaskUpdate(ids[43], {"stdout": object()})]),
+            store.apply([result(ids[46], 2)]),
+            return_exceptions=True,
+        )
+        assert got[0] == [True] and isinstance(got[1], ValueError) and got[2] == [True]
+        final = {t.id: t for t in await store.get_tasks(ids)}
+        assert [final[i].exit_code for i in ids[:40]] == [0] * 40
+        assert (final[ids[41]].status, final[ids[41]].exit_code) == (completed, 0)
+        assert (final[ids[42]].status, final[ids[42]].exit_code) == (running, None)
+        assert [final[i].exit_code for i in ids[44:47]] == [3, 1, 2]
+        assert final[ids[55]].status == queued
+        assert all(final[i].status == running for i in ids[47:50])
+
+
 async def test_writer_is_one_named_task_that_ends_on_close(tmp_path: Path) -> None:
     def writers() -> list[asyncio.Task[Any]]:
         return [t for t in asyncio.all_tasks() if t.get_name() == "octaskly-store-writer"]
