@@ -14,7 +14,7 @@ process that has threads. :func:`install_fast_child_watcher` makes Python 3.11 r
 children through pidfds, as 3.12 does by default.
 
 Modules: ``running`` (the execution), ``tails`` (the bounded output buffer, pure),
-``watching`` (the child watcher).
+``watching`` (the child watcher), ``workdirs`` (working directories a worker reuses).
 """
 
 from octaskly.executing.running import (
@@ -30,6 +30,7 @@ from octaskly.executing.running import (
 )
 from octaskly.executing.tails import TailBuffer
 from octaskly.executing.watching import install_fast_child_watcher
+from octaskly.executing.workdirs import Workdirs
 
 __all__ = [
     "DRAIN_SECONDS",
@@ -41,6 +42,7 @@ __all__ = [
     "OutputCallback",
     "Status",
     "TailBuffer",
+    "Workdirs",
     "install_fast_child_watcher",
     "not_run",
 ]

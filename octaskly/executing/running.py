@@ -14,13 +14,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Literal
 
-from octaskly.executing import tails
+from octaskly.executing import tails, workdirs
+from octaskly.executing.workdirs import Workdirs
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +131,10 @@ class Execution:
         base_env: Mapping[str, str] | None = None,
         kill_grace: float = KILL_GRACE_SECONDS,
         drain_timeout: float = DRAIN_SECONDS,
+        workdirs: Workdirs | None = None,
     ) -> None:
         self.request = request
+        self._workdirs = workdirs
         self._on_output = on_output
         self._base_env = base_env
         self._workdir: Path | None = None
@@ -171,7 +173,10 @@ class Execution:
             return not_run("cancelled", "cancelled")
         self._wakeup = asyncio.get_running_loop().create_future()
         try:
-            self._workdir = _make_workdir(self.request)
+            if self._workdirs is not None:
+                self._workdir = self._workdirs.acquire()
+            else:
+                self._workdir = _make_workdir(self.request)
         except OSError as exc:
             return not_run("failed", f"could not start: cannot create a workdir: {exc}")
         try:
@@ -185,11 +190,14 @@ class Execution:
         workdir, self._workdir = self._workdir, None
         if workdir is None:
             return
+        if self._workdirs is not None:
+            await self._workdirs.release(workdir)
+            return
         try:
             os.rmdir(workdir)  # the common case, an empty workdir: one syscall, no thread
         except OSError:
             # In a thread: a task may leave a large tree behind; the loop must not stall.
-            await asyncio.to_thread(_remove_tree, workdir)
+            await asyncio.to_thread(workdirs.remove_tree, workdir)
 
     async def _run_in(self, workdir: Path) -> ExecResult:
         request, loop = self.request, asyncio.get_running_loop()
@@ -340,30 +348,9 @@ def not_run(status: Status, error: str) -> ExecResult:
 
 
 def _make_workdir(request: ExecRequest) -> Path:
-    root = os.path.abspath(request.workdir_root)
     safe_id = re.sub(r"[^A-Za-z0-9_.-]", "_", request.task_id)[:64]
-    prefix = f"octaskly-{safe_id}-{request.attempt}-"
-    try:
-        return Path(tempfile.mkdtemp(prefix=prefix, dir=root))
-    except FileNotFoundError:  # first run with this root
-        os.makedirs(root, mode=0o700, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=prefix, dir=root))
-
-
-def _remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-    if not os.path.lexists(path):
-        return
-    # Without root, directories the task made unreadable or read-only block the removal.
-    for dirpath, dirnames, _ in os.walk(path):
-        for name in dirnames:
-            child = os.path.join(dirpath, name)
-            if not os.path.islink(child):
-                with contextlib.suppress(OSError):
-                    os.chmod(child, 0o700)
-    shutil.rmtree(path, ignore_errors=True)
-    if os.path.lexists(path):
-        log.warning("could not remove the task workdir %s", path)
+    root = Path(os.path.abspath(request.workdir_root))
+    return workdirs.make_dir(root, f"octaskly-{safe_id}-{request.attempt}-")
 
 
 def _task_env(request: ExecRequest, base_env: Mapping[str, str], workdir: Path) -> dict[str, str]:

@@ -86,6 +86,8 @@ class Worker:
         self.connected = asyncio.Event()
         self.worker_id: str | None = None
         self.completed = 0
+        # Runs reuse the working directories earlier runs left empty (see executing.workdirs).
+        self._workdirs = executing.Workdirs(options.workdir_root, keep=options.max_jobs)
         # Read the environment once: iterating os.environ per task costs more than a spawn.
         self._base_env = {
             k: v
@@ -243,6 +245,7 @@ class Worker:
         execution = executing.Execution(
             request,
             base_env=self._base_env,
+            workdirs=self._workdirs,
             on_output=lambda stream, data: self._on_output(holder[0], stream, data),
         )
         run = _Running(assignment, execution)
@@ -343,3 +346,4 @@ class Worker:
             run.execution.cancel()
         tasks = list(self._exec_tasks)
         await asyncio.gather(*tasks, return_exceptions=True)
+        self._workdirs.close()

@@ -133,6 +133,53 @@ async def test_deferred_cleanup_keeps_the_workdir_until_asked(tmp_path: Path) ->
     await job.cleanup()  # idempotent
 
 
+async def pooled(tmp_path: Path, pool: executing.Workdirs, command: str) -> Path:
+    """Run `command` in a pooled workdir the way a worker does; the workdir it ran in."""
+    job = executing.Execution(make_request(tmp_path, f"pwd; {command}"), workdirs=pool)
+    result = await asyncio.wait_for(job.run(), 20)
+    assert result.status == "completed", result
+    await job.cleanup()
+    return Path(result.stdout.splitlines()[0])
+
+
+async def test_pooled_workdirs_are_reused_only_while_clean(tmp_path: Path) -> None:
+    pool = executing.Workdirs(tmp_path / "work", keep=2)
+    first = await pooled(tmp_path, pool, 'test -z "$(ls -A)"')
+    assert await pooled(tmp_path, pool, 'test -z "$(ls -A)"') == first  # reused
+    assert stat_mode(first) == 0o700
+    # Files left behind: that directory goes, the next run starts in a new empty one.
+    assert await pooled(tmp_path, pool, "echo x > left") == first
+    assert not first.exists()
+    second = await pooled(tmp_path, pool, 'test -z "$(ls -A)"')
+    assert second != first
+    # Permissions changed by the task: not reused either.
+    assert await pooled(tmp_path, pool, "chmod 755 .") == second
+    assert not second.exists()
+    # A run that replaces its own directory by a symlink: the link is dropped, never
+    # followed, and its target keeps its files.
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "keep").write_text("x")
+    third = await pooled(tmp_path, pool, f"d=$(pwd); cd / && rmdir $d && ln -s {target} $d")
+    assert not os.path.lexists(third) and (target / "keep").read_text() == "x"
+    pool.close()
+    assert leftovers(tmp_path) == []
+
+
+async def test_concurrent_pooled_runs_never_share_a_workdir(tmp_path: Path) -> None:
+    pool = executing.Workdirs(tmp_path / "work", keep=3)
+    for _ in range(3):
+        dirs = await asyncio.gather(*(pooled(tmp_path, pool, "sleep 0.05") for _ in range(5)))
+        assert len(set(dirs)) == 5
+    assert len(leftovers(tmp_path)) == 3, "only `keep` free directories stay"
+    pool.close()
+    assert leftovers(tmp_path) == []
+
+
+def stat_mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
 async def test_workdir_root_is_created_when_missing(tmp_path: Path) -> None:
     root = tmp_path / "deep" / "root"
     result = await run(tmp_path, "pwd", workdir_root=root)
