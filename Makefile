@@ -42,7 +42,7 @@ pyz: $(STAMP)
 	@echo "built $(PYZ) ($$(du -h $(PYZ) | cut -f1))"
 
 ## bench: measure throughput, latency, memory and startup against issue 3's targets
-## (about 5 minutes; BENCH_ARGS="--quick" or e.g. "--tasks 2000 --scale-depths 1000,10000")
+## (about 4 minutes; BENCH_ARGS="--quick" or e.g. "--tasks 2000 --scale-depths 1000,10000")
 BENCH_ARGS ?=
 bench: $(STAMP)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
