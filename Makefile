@@ -22,8 +22,8 @@ dev: $(STAMP)
 
 ## lint: ruff (lint + format check), mypy --strict, import-linter layer contracts
 lint: $(STAMP)
-	$(BIN)/ruff check octaskly tests
-	$(BIN)/ruff format --check octaskly tests
+	$(BIN)/ruff check octaskly tests bench
+	$(BIN)/ruff format --check octaskly tests bench
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 

@@ -16,7 +16,7 @@ from bench import api, procs, targets
 from octaskly import __version__
 
 MIB = targets.MIB
-RESULTS = procs.REPO / "bench" / "results"
+RESULTS = Path(os.environ.get("BENCH_RESULTS_DIR") or procs.REPO / "bench" / "results")
 
 
 def _git(*args: str) -> str:

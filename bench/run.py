@@ -174,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     path = report.write_json(results, now.strftime("%Y%m%dT%H%M%SZ"))
     print(report.render(results))
-    print(f"\nresults written to {path.relative_to(procs.REPO)}; exit status {status}")
+    shown = path.relative_to(procs.REPO) if path.is_relative_to(procs.REPO) else path
+    print(f"\nresults written to {shown}; exit status {status}")
     return status
 
 
