@@ -81,7 +81,11 @@ class SimWorker:
             max_jobs=self.max_jobs,
             sandbox_level=models.SandboxLevel.BASIC,
             proof=auth.worker_proof(
-                self._key, dispatcher_nonce=challenge.nonce, worker_nonce=nonce, name=self.name
+                self._key,
+                dispatcher_nonce=challenge.nonce,
+                worker_nonce=nonce,
+                name=self.name,
+                binding=conn.binding,
             ),
         )
         await conn.send(messages.to_wire(hello))
@@ -91,6 +95,7 @@ class SimWorker:
             dispatcher_nonce=challenge.nonce,
             worker_nonce=nonce,
             worker_id=welcome.worker_id,
+            binding=conn.binding,
         )
         if not auth.verify(expected, welcome.proof):
             raise ConnectionError("the dispatcher could not prove it has the cluster key")

@@ -1,6 +1,6 @@
 """An in-process cluster on real sockets for integration tests: a dispatcher (real SQLite
-file, real TCP P2P listener, real aiohttp API on a free port) and workers that run real
-subprocesses."""
+file, real P2P listener: TLS over TCP and QUIC on one port, real aiohttp API on a free
+port) and workers that run real subprocesses."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from octaskly.domain import models
 from octaskly.services import dispatcher as dispatching
 from octaskly.services import worker as working
 from octaskly.store import sqlite
-from octaskly.transport import tcp
+from octaskly.transport import p2p as p2p_transport
+from octaskly.transport import tls
 
 SECRET = b"integration-test-secret-key"
 
@@ -29,7 +30,7 @@ SECRET = b"integration-test-secret-key"
 class Cluster:
     tmp: Path
     dispatcher: dispatching.Dispatcher
-    p2p: tcp.TCPServer
+    p2p: p2p_transport.Listener
     runner: web.AppRunner
     base_url: str
     http: aiohttp.ClientSession
@@ -48,6 +49,7 @@ class Cluster:
         labels: dict[str, str] | None = None,
         secret: bytes = SECRET,
         wait: bool = True,
+        transport: p2p_transport.Transport = "auto",
     ) -> working.Worker:
         options = working.Options(
             name=name,
@@ -58,6 +60,7 @@ class Cluster:
             workdir_root=self.tmp,
             connect_timeout=5.0,
             reconnect_max_delay=0.5,
+            transport=transport,
         )
         worker = working.Worker(options=options)
         task = asyncio.create_task(worker.run(), name=f"worker-{name}")
@@ -130,7 +133,8 @@ async def running_cluster(tmp: Path, **option_overrides: Any) -> AsyncIterator[C
     store = sqlite.SQLiteStore(tmp / "octaskly.db")
     dispatcher = dispatching.Dispatcher(options=options, store=store)
     await dispatcher.start()
-    p2p = await tcp.serve("127.0.0.1", 0, dispatcher.peers.handle)
+    identity = tls.load_or_create(tmp / "tls")
+    p2p = await p2p_transport.listen("127.0.0.1", 0, dispatcher.peers.handle, identity=identity)
     runner = web.AppRunner(api_app.build(dispatcher), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

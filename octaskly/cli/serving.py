@@ -25,10 +25,11 @@ from octaskly.domain import models
 from octaskly.services import dispatcher as dispatching
 from octaskly.services import worker as working
 from octaskly.store import sqlite
-from octaskly.transport import tcp
+from octaskly.transport import p2p, tls
 
 log = logging.getLogger("octaskly")
 SECRET_FILE = "secret.key"
+TLS_DIR = "tls"
 
 
 # -- secrets --------------------------------------------------------------------------------
@@ -84,12 +85,12 @@ class RunningDispatcher:
     def __init__(
         self,
         dispatcher: dispatching.Dispatcher,
-        p2p: tcp.TCPServer,
+        listener: p2p.Listener,
         runner: web.AppRunner,
         api_port: int,
     ) -> None:
         self.dispatcher = dispatcher
-        self.p2p = p2p
+        self.p2p = listener
         self.runner = runner
         self.api_port = api_port
 
@@ -117,17 +118,25 @@ async def start_dispatcher(settings: config_settings.Settings) -> RunningDispatc
     data_dir = settings.data_dir()
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     secret = ensure_secret(settings, data_dir)
+    identity = tls.load_or_create(data_dir / TLS_DIR)
     db_path = settings.db_file()
     store = sqlite.SQLiteStore(db_path, synchronous=settings.storage.sqlite_synchronous)
     dispatcher = dispatching.Dispatcher(options=dispatcher_options(settings, secret), store=store)
     await dispatcher.start()
     net = settings.network
     try:
-        p2p = await tcp.serve(net.bind_address, net.port, dispatcher.peers.handle)
+        listener = await p2p.listen(
+            net.bind_address,
+            net.port,
+            dispatcher.peers.handle,
+            identity=identity,
+            quic_enabled=net.quic_enabled,
+        )
     except OSError as exc:
         await dispatcher.stop()
         raise errors.ConfigError(
-            f"cannot listen on {net.bind_address}:{net.port} (P2P): {exc.strerror or exc}"
+            f"cannot listen on {net.bind_address}:{net.port} (P2P, TCP"
+            f"{' and UDP' if net.quic_enabled else ''}): {exc.strerror or exc}"
         ) from None
     runner = web.AppRunner(api_app.build(dispatcher), access_log=None, handle_signals=False)
     await runner.setup()
@@ -135,7 +144,7 @@ async def start_dispatcher(settings: config_settings.Settings) -> RunningDispatc
     try:
         await site.start()
     except OSError as exc:
-        p2p.close()
+        listener.close()
         await dispatcher.stop()
         await runner.cleanup()
         raise errors.ConfigError(
@@ -143,9 +152,10 @@ async def start_dispatcher(settings: config_settings.Settings) -> RunningDispatc
         ) from None
     api_port = runner.addresses[0][1] if runner.addresses else net.api_port
     log.info(
-        "dispatcher ready: P2P %s:%d, API http://%s:%d, database %s",
+        "dispatcher ready: P2P %s:%d (TLS over TCP%s), API http://%s:%d, database %s",
         net.bind_address,
-        p2p.port,
+        listener.port,
+        ", QUIC over UDP" if listener.quic is not None else "; QUIC disabled",
         net.bind_address,
         api_port,
         db_path,
@@ -157,7 +167,7 @@ async def start_dispatcher(settings: config_settings.Settings) -> RunningDispatc
             net.bind_address,
             api_port,
         )
-    return RunningDispatcher(dispatcher, p2p, runner, api_port)
+    return RunningDispatcher(dispatcher, listener, runner, api_port)
 
 
 async def _until_signal(*extra: asyncio.Future[Any] | asyncio.Event) -> None:
@@ -204,11 +214,6 @@ def worker_options(settings: config_settings.Settings) -> working.Options:
         gpu=w.gpu if w.gpu is not None else Path("/dev/nvidia0").exists(),
         labels=dict(w.labels),
     )
-    if w.transport == "quic":
-        raise errors.ConfigError(
-            "transport = quic is not supported by this version yet; "
-            "use tcp (or auto, which uses tcp)"
-        )
     if w.sandbox_level.rank > models.SandboxLevel.BASIC.rank:
         raise errors.ConfigError(
             f"sandbox_level = {w.sandbox_level.value} is not supported by "
@@ -224,6 +229,7 @@ def worker_options(settings: config_settings.Settings) -> working.Options:
         output_limit=w.output_limit_kb * 1024,
         workdir_root=w.work_dir or Path(tempfile.gettempdir()),
         connect_timeout=settings.performance.connection_timeout,
+        transport=w.transport,
     )
 
 

@@ -18,7 +18,7 @@ import pydantic
 from octaskly import errors
 from octaskly.domain import models
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: proofs bound to the TLS certificate (v1 was plain TCP)
 _ID = pydantic.Field(min_length=1, max_length=200)
 _HEX = pydantic.Field(min_length=32, max_length=128, pattern=r"^[0-9a-f]+$")
 

@@ -45,6 +45,8 @@ class Peers:
         self._key = auth.derive_auth_key(dispatcher.options.secret_key)
         self.sessions: dict[str, Session] = {}
         self._handlers: set[asyncio.Task[Any]] = set()
+        # A worker's runs being re-queued after it left: its reconnect waits for that.
+        self._leaving: dict[str, asyncio.Future[None]] = {}
 
     # -- views for the scheduler and the API ---------------------------------------------
     def slots(self) -> list[scheduling.WorkerSlot]:
@@ -148,7 +150,7 @@ class Peers:
         hello = messages.parse_worker_message(raw)
         if not isinstance(hello, messages.Hello):
             raise errors.ProtocolError(f"expected hello, got {hello.type}")
-        refusal = self._refusal(hello, nonce)
+        refusal = self._refusal(hello, nonce, conn.binding)
         if refusal:
             log.warning("refused worker %r from %s: %s", hello.name, conn.peer, refusal)
             await conn.send(messages.to_wire(messages.Reject(reason=refusal)))
@@ -166,6 +168,7 @@ class Peers:
                         dispatcher_nonce=nonce,
                         worker_nonce=hello.nonce,
                         worker_id=session.id,
+                        binding=conn.binding,
                     ),
                     keepalive_interval=self._d.options.keepalive_interval,
                     abort=abort,
@@ -173,9 +176,10 @@ class Peers:
             )
         )
         log.info(
-            "worker %s joined from %s (%g cores, %d MB, max_jobs %d)",
+            "worker %s joined from %s over %s (%g cores, %d MB, max_jobs %d)",
             session.id,
             conn.peer,
+            conn.kind,
             hello.resources.cpu_cores,
             hello.resources.memory_mb,
             hello.max_jobs,
@@ -183,11 +187,15 @@ class Peers:
         self._d.on_workers_changed()
         return session
 
-    def _refusal(self, hello: messages.Hello, nonce: str) -> str | None:
+    def _refusal(self, hello: messages.Hello, nonce: str, binding: bytes) -> str | None:
         if hello.protocol != messages.PROTOCOL_VERSION:
             return f"unsupported protocol version {hello.protocol}"
         expected = auth.worker_proof(
-            self._key, dispatcher_nonce=nonce, worker_nonce=hello.nonce, name=hello.name
+            self._key,
+            dispatcher_nonce=nonce,
+            worker_nonce=hello.nonce,
+            name=hello.name,
+            binding=binding,
         )
         if not auth.verify(expected, hello.proof):
             return "authentication failed: the worker does not have this cluster's secret key"
@@ -201,6 +209,9 @@ class Peers:
 
     async def _reconcile(self, session: Session) -> list[messages.RunRef]:
         """Keep the runs the worker still holds; re-attach re-queued ones; abort the rest."""
+        leaving = self._leaving.get(session.id)
+        if leaving is not None:  # its runs are still being re-queued: let that finish
+            await asyncio.shield(leaving)
         old = self.sessions.pop(session.id, None)
         held = {r.task_id: r.attempt for r in (*session.hello.running, *session.hello.finished)}
         previous: dict[str, Run] = dict(old.runs) if old is not None else {}
@@ -286,7 +297,13 @@ class Peers:
         log.info("worker %s left: %s", session.id, reason)
         runs = list(session.runs.values())
         session.runs.clear()
-        await self._d.on_lost(runs, f"worker {session.id} left: {reason}")
+        done = self._leaving[session.id] = asyncio.get_running_loop().create_future()
+        try:
+            await self._d.on_lost(runs, f"worker {session.id} left: {reason}")
+        finally:
+            done.set_result(None)
+            if self._leaving.get(session.id) is done:
+                del self._leaving[session.id]
         self._d.on_workers_changed()
 
     async def reap_forever(self) -> None:

@@ -22,7 +22,7 @@ from octaskly import __version__, errors, executing
 from octaskly.domain import models
 from octaskly.protocol import auth, messages
 from octaskly.transport import base as transport
-from octaskly.transport import tcp
+from octaskly.transport import p2p
 
 log = logging.getLogger(__name__)
 FLUSH_SECONDS = 0.05
@@ -42,6 +42,7 @@ class Options:
     workdir_root: Path = Path("/tmp")
     connect_timeout: float = 10.0
     reconnect_max_delay: float = 10.0
+    transport: p2p.Transport = "auto"
 
 
 def rlimits(assignment: messages.TaskAssignment) -> dict[int, tuple[int, int]]:
@@ -118,11 +119,19 @@ class Worker:
             await self._shutdown()
 
     async def _session(self, host: str, port: int) -> None:
-        conn = await tcp.connect(host, port, timeout=self.options.connect_timeout)
+        conn = await p2p.dial(
+            host, port, transport=self.options.transport, timeout=self.options.connect_timeout
+        )
         try:
             welcome = await self._handshake(conn)
             self._conn, self.worker_id = conn, welcome.worker_id
-            log.info("connected to dispatcher %s:%d as %s", host, port, welcome.worker_id)
+            log.info(
+                "connected to dispatcher %s:%d over %s as %s",
+                host,
+                port,
+                conn.kind,
+                welcome.worker_id,
+            )
             for ref in welcome.abort:
                 self._cancel(ref.task_id, ref.attempt, reason="dispatcher gave the run away")
             for result in list(self.unacked.values()):
@@ -158,6 +167,7 @@ class Worker:
                 dispatcher_nonce=challenge.nonce,
                 worker_nonce=nonce,
                 name=self.options.name,
+                binding=conn.binding,
             ),
             running=[
                 messages.RunRef(task_id=r.assignment.task_id, attempt=r.assignment.attempt)
@@ -174,6 +184,7 @@ class Worker:
             dispatcher_nonce=challenge.nonce,
             worker_nonce=nonce,
             worker_id=welcome.worker_id,
+            binding=conn.binding,
         )
         if not auth.verify(expected, welcome.proof):
             raise FatalWorkerError("the dispatcher could not prove it has the cluster secret key")

@@ -7,7 +7,13 @@ from typing import Any, Protocol
 
 
 class Connection(Protocol):
-    """One established, framed, bidirectional connection."""
+    """One established, framed, bidirectional, encrypted connection."""
+
+    kind: str
+    """"tcp" or "quic", for logs."""
+
+    binding: bytes
+    """The channel binding: SHA-256 of the dispatcher's certificate as this side saw it."""
 
     @property
     def peer(self) -> str:

@@ -1,14 +1,15 @@
-"""Framed messages over plain asyncio TCP streams."""
+"""Framed messages over TLS 1.3 on asyncio TCP streams."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import socket
+import ssl
 from typing import Any
 
 from octaskly.protocol import framing
-from octaskly.transport import base
+from octaskly.transport import base, tls
 
 log = logging.getLogger(__name__)
 _READ_CHUNK = 256 * 1024
@@ -22,9 +23,14 @@ def _format_peer(info: Any) -> str:
 
 
 class TCPConnection:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    kind = "tcp"
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, binding: bytes
+    ) -> None:
         self._reader = reader
         self._writer = writer
+        self.binding = binding
         self._decoder = framing.FrameDecoder()
         self._pending: list[dict[str, Any]] = []
         self._peer = _format_peer(writer.get_extra_info("peername"))
@@ -52,7 +58,10 @@ class TCPConnection:
 
     async def recv(self) -> dict[str, Any] | None:
         while not self._pending:
-            data = await self._reader.read(_READ_CHUNK)
+            try:
+                data = await self._reader.read(_READ_CHUNK)
+            except ssl.SSLError as exc:  # a tampered, replayed or truncated record
+                raise ConnectionError(f"TLS: {exc.reason or exc}") from None
             if not data:
                 if self._decoder.buffered:
                     raise ConnectionError("connection closed in the middle of a frame")
@@ -86,23 +95,42 @@ class TCPServer:
         await self._server.wait_closed()
 
 
-async def serve(host: str, port: int, handler: base.ConnectionHandler) -> TCPServer:
-    """Listen on host:port; run `handler` for each connection, closing it afterwards."""
+async def serve(
+    host: str, port: int, handler: base.ConnectionHandler, *, identity: tls.Identity
+) -> TCPServer:
+    """Listen with TLS on host:port; run `handler` for each connection, closing it after."""
+    context = tls.server_context(identity)
 
     async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = TCPConnection(reader, writer)
+        conn = TCPConnection(reader, writer, binding=identity.binding)
         try:
             await handler(conn)
         finally:
             conn.close()
             await conn.wait_closed()
 
-    server = await asyncio.start_server(on_connect, host, port, reuse_address=True)
+    server = await asyncio.start_server(
+        on_connect, host, port, reuse_address=True, ssl=context, ssl_handshake_timeout=10
+    )
     return TCPServer(server)
 
 
 async def connect(host: str, port: int, *, timeout: float) -> TCPConnection:
+    """A TLS connection to a dispatcher; its binding is the certificate it showed."""
     reader, writer = await asyncio.wait_for(
-        asyncio.open_connection(host, port, family=socket.AF_UNSPEC), timeout
+        asyncio.open_connection(
+            host,
+            port,
+            family=socket.AF_UNSPEC,
+            ssl=tls.client_context(),
+            server_hostname=tls.SERVER_NAME,
+            ssl_handshake_timeout=timeout,
+        ),
+        timeout,
     )
-    return TCPConnection(reader, writer)
+    ssl_object = writer.get_extra_info("ssl_object")
+    cert = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    if not cert:
+        writer.close()
+        raise ConnectionError("the dispatcher presented no TLS certificate")
+    return TCPConnection(reader, writer, binding=tls.binding_of(cert))

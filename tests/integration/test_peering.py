@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 from octaskly.domain import models
-from octaskly.protocol import auth, framing
+from octaskly.protocol import auth, framing, messages
 from octaskly.services import worker as working
-from octaskly.transport import tcp
+from octaskly.transport import tcp, tls
 from tests.cluster import SECRET, Cluster, running_cluster, until
 
 
@@ -43,7 +43,7 @@ class RawWorker:
         await self.send(
             {
                 "type": "hello",
-                "protocol": 1,
+                "protocol": messages.PROTOCOL_VERSION,
                 "name": self.name,
                 "instance": self.instance,
                 "nonce": nonce,
@@ -56,6 +56,7 @@ class RawWorker:
                     dispatcher_nonce=challenge["nonce"],
                     worker_nonce=nonce,
                     name=self.name,
+                    binding=self.conn.binding,
                 ),
                 "running": [{"task_id": t, "attempt": a} for t, a in running],
                 "finished": [{"task_id": t, "attempt": a} for t, a in finished],
@@ -140,7 +141,7 @@ async def test_result_of_requeued_but_not_restarted_run_is_kept(cluster: Cluster
     await a.recv_type("assign")
     await a.close()
     await _gone(cluster, "a")
-    assert (await cluster.task(task_id))["status"] == "queued"
+    await cluster.wait_status(task_id, "queued")
     again = RawWorker(cluster, "a", instance=a.instance)
     welcome = await again.connect(finished=[(task_id, 1)])
     assert welcome["abort"] == []
@@ -257,7 +258,7 @@ async def test_garbage_from_a_worker_drops_only_that_worker(
     [
         framing.encode({"type": "heartbeat", "running": []}),
         b"GET / HTTP/1.1\r\n\r\n",
-        framing.encode({"type": "hello", "protocol": 1}),
+        framing.encode({"type": "hello", "protocol": messages.PROTOCOL_VERSION}),
     ],
 )
 async def test_handshake_violations_are_refused(cluster: Cluster, first_frame: bytes) -> None:
@@ -292,7 +293,9 @@ async def test_worker_refuses_a_dispatcher_without_the_key(tmp_path: Path) -> No
     """A fake dispatcher that does not know the key cannot take a worker over."""
 
     async def impostor(conn: Any) -> None:
-        await conn.send({"type": "challenge", "protocol": 1, "nonce": auth.new_nonce()})
+        await conn.send(
+            {"type": "challenge", "protocol": messages.PROTOCOL_VERSION, "nonce": auth.new_nonce()}
+        )
         await conn.recv()
         await conn.send(
             {
@@ -305,7 +308,9 @@ async def test_worker_refuses_a_dispatcher_without_the_key(tmp_path: Path) -> No
         )
         await conn.recv()
 
-    server = await tcp.serve("127.0.0.1", 0, impostor)
+    server = await tcp.serve(
+        "127.0.0.1", 0, impostor, identity=tls.load_or_create(tmp_path / "tls")
+    )
     options = working.Options(
         name="w",
         dispatcher_addrs=(("127.0.0.1", server.port),),

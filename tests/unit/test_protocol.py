@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import struct
 
 import pytest
@@ -48,7 +49,7 @@ def test_partial_frame_waits_for_more() -> None:
 def _hello(**overrides: object) -> dict[str, object]:
     base: dict[str, object] = {
         "type": "hello",
-        "protocol": 1,
+        "protocol": messages.PROTOCOL_VERSION,
         "name": "w1",
         "instance": "a" * 32,
         "nonce": "b" * 32,
@@ -108,18 +109,36 @@ def test_valid_hello_parses() -> None:
     assert isinstance(hello, messages.Hello) and hello.name == "w1"
 
 
-def test_proofs_bind_both_nonces_and_the_key() -> None:
+def test_proofs_bind_nonces_names_the_key_and_the_channel() -> None:
     key = auth.derive_auth_key(b"secret-one-secret-one")
     other = auth.derive_auth_key(b"secret-two-secret-two")
-    proof = auth.worker_proof(key, dispatcher_nonce="n1", worker_nonce="n2", name="w")
-    assert auth.verify(
-        proof, auth.worker_proof(key, dispatcher_nonce="n1", worker_nonce="n2", name="w")
-    )
+    chan, mitm = b"\x01" * 32, b"\x02" * 32
+
+    def worker(
+        k: bytes = key, d: str = "n1", w: str = "n2", name: str = "w", b: bytes = chan
+    ) -> str:
+        return auth.worker_proof(k, dispatcher_nonce=d, worker_nonce=w, name=name, binding=b)
+
+    proof = worker()
+    assert auth.verify(proof, worker())
     for changed in (
-        auth.worker_proof(other, dispatcher_nonce="n1", worker_nonce="n2", name="w"),
-        auth.worker_proof(key, dispatcher_nonce="n9", worker_nonce="n2", name="w"),
-        auth.worker_proof(key, dispatcher_nonce="n1", worker_nonce="n2", name="x"),
-        auth.dispatcher_proof(key, dispatcher_nonce="n1", worker_nonce="n2", worker_id="w"),
+        worker(k=other),
+        worker(d="n9"),
+        worker(w="n9"),
+        worker(name="x"),
+        worker(b=mitm),  # the certificate a man-in-the-middle shows
+        worker(d="n1n", w="2"),  # parts are length-prefixed: no shifting between them
+        auth.dispatcher_proof(
+            key, dispatcher_nonce="n1", worker_nonce="n2", worker_id="w", binding=chan
+        ),
     ):
         assert not auth.verify(proof, changed)
     assert not auth.verify(proof, "ünicode")
+
+
+def test_keys_come_from_a_kdf_and_differ_by_purpose() -> None:
+    secret = b"a-cluster-secret-of-some-length"
+    auth_key = auth.derive_auth_key(secret)
+    assert len(auth_key) == 32 and auth_key == auth.derive_auth_key(secret)
+    assert auth_key != auth.derive_key(secret, "api-jwt")
+    assert secret not in auth_key and auth_key != hashlib.sha256(secret).digest()
