@@ -22,6 +22,7 @@ from octaskly import errors
 from octaskly.api import app as api_app
 from octaskly.config import settings as config_settings
 from octaskly.domain import models
+from octaskly.services import auditing
 from octaskly.services import dispatcher as dispatching
 from octaskly.services import worker as working
 from octaskly.store import sqlite
@@ -76,6 +77,9 @@ def dispatcher_options(settings: config_settings.Settings, secret: bytes) -> dis
         connection_timeout=settings.performance.connection_timeout,
         output_limit=settings.worker.output_limit_kb * 1024,
         role=settings.dispatcher.role,
+        audit_path=(
+            settings.data_dir() / auditing.FILE if settings.security.audit_logging else None
+        ),
     )
 
 

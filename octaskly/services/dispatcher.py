@@ -15,13 +15,14 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import psutil
 
 from octaskly import __version__, errors
 from octaskly.domain import models, queueing, scheduling
-from octaskly.services import live, peering
+from octaskly.services import auditing, live, peering
 from octaskly.store import base as store_base
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,8 @@ class Options:
     policy: scheduling.Policy = dataclasses.field(default_factory=scheduling.Policy)
     queue_window: int = 4096
     role: str = "primary"
+    audit_path: Path | None = None
+    """Where the audit log goes (`<data dir>/logs/audit.log`); None: audit logging off."""
 
 
 @dataclasses.dataclass(slots=True)
@@ -74,6 +77,7 @@ class Dispatcher:
         self.runs: dict[str, Run] = {}
         self.outputs: dict[str, live.LiveOutput] = {}
         self.watchers = live.Watchers()
+        self.audit = auditing.AuditLog(options.audit_path)
         self.peers = peering.Peers(self)
         self.queued_count = 0
         self.started_at = clock()
@@ -87,6 +91,7 @@ class Dispatcher:
 
     # -- lifecycle ----------------------------------------------------------------
     async def start(self) -> None:
+        self.audit.open()
         await self.store.open()
         counts = await self.store.count_by_status()
         await self._recover_running()
@@ -117,6 +122,7 @@ class Dispatcher:
         self._tasks.clear()
         await self.peers.close_all()
         await self.store.close()
+        self.audit.close()
         self.stopped.set()
 
     async def _recover_running(self) -> None:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from octaskly import errors
 from octaskly.domain import models, scheduling
 from octaskly.protocol import auth, messages
+from octaskly.services import auditing
 from octaskly.transport import base as transport
 
 if TYPE_CHECKING:
@@ -153,6 +154,14 @@ class Peers:
         refusal = self._refusal(hello, nonce, conn.binding)
         if refusal:
             log.warning("refused worker %r from %s: %s", hello.name, conn.peer, refusal)
+            self._d.audit.record(
+                "worker_rejected",
+                action="join",
+                severity="warning",
+                actor=hello.name,
+                details={"reason": refusal, "transport": conn.kind},
+                source_ip=auditing.source_ip(conn.peer),
+            )
             await conn.send(messages.to_wire(messages.Reject(reason=refusal)))
             return None
         now = time.monotonic()
@@ -174,6 +183,13 @@ class Peers:
                     abort=abort,
                 )
             )
+        )
+        self._d.audit.record(
+            "worker_joined",
+            action="join",
+            actor=session.id,
+            details={"transport": conn.kind, "version": hello.version},
+            source_ip=auditing.source_ip(conn.peer),
         )
         log.info(
             "worker %s joined from %s over %s (%g cores, %d MB, max_jobs %d)",
@@ -295,6 +311,13 @@ class Peers:
             return  # replaced by a reconnect of the same worker; its runs moved over
         del self.sessions[session.id]
         log.info("worker %s left: %s", session.id, reason)
+        self._d.audit.record(
+            "worker_left",
+            action="leave",
+            actor=session.id,
+            details={"reason": reason, "running": len(session.runs)},
+            source_ip=auditing.source_ip(session.conn.peer),
+        )
         runs = list(session.runs.values())
         session.runs.clear()
         done = self._leaving[session.id] = asyncio.get_running_loop().create_future()
