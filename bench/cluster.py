@@ -65,8 +65,10 @@ class Cluster:
             return api.get_json(f"{self.api}/health", timeout=1)[0] == 200
         return False
 
-    def start_workers(self, count: int, max_jobs: int, *, timeout: float = 60.0) -> None:
-        """Start `count` workers and wait until the dispatcher lists them all."""
+    def start_workers(
+        self, count: int, max_jobs: int, *, transport: str = "tcp", timeout: float = 60.0
+    ) -> None:
+        """Start `count` workers (P2P over `transport`) and wait until all have joined."""
         for i in range(1, count + 1):
             self.workers.append(
                 self._start(
@@ -79,6 +81,8 @@ class Cluster:
                         str(max_jobs),
                         "--dispatcher-addr",
                         f"127.0.0.1:{self.port}",
+                        "--transport",
+                        transport,
                     ],
                 )
             )

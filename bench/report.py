@@ -146,16 +146,21 @@ def _cluster_rows(s: dict[str, Any], limit: float | None) -> dict[str, str]:
 
 
 def cluster_section(results: dict[str, Any], tasks: int) -> list[str]:
-    scenarios = [k for k in ("batch", "single") if isinstance(results.get(k), dict)]
+    scenarios = [k for k in ("batch", "quic", "single") if isinstance(results.get(k), dict)]
     if not scenarios:
         return []
     limit = (results.get("limit") or {}).get("per_second")
     rows = {k: _cluster_rows(results[k], limit) for k in scenarios}
-    titles = {"batch": "batch (500/request, 4 in flight)", "single": "single (64 clients)"}
+    titles = {
+        "batch": "batch, TLS/TCP (500/request)",
+        "quic": "batch, QUIC (500/request)",
+        "single": "single, TLS/TCP (64 clients)",
+    }
     lines = [
         "",
         f"== 2. Local cluster: dispatcher + 2 workers (--max-jobs 4), {tasks:,} x `true` "
-        "via the REST API, fresh cluster and database per scenario",
+        "via the REST API, fresh cluster and database per scenario; batch requests 4 in "
+        "flight",
         f"  {'':<56}" + "".join(f"{titles[k]:<36}" for k in scenarios).rstrip(),
     ]
     for label in rows[scenarios[0]]:

@@ -1,7 +1,8 @@
 """`make bench` / `python -m bench.run`: measure octaskly against issue 3's targets.
 
 Scenarios (in this order): `limit` (asyncio spawn rate, no octaskly), `batch` and
-`single` (a real dispatcher + 2 workers, N `true` tasks through the REST API), `startup`
+`single` (a real dispatcher + 2 workers on TLS over TCP, N `true` tasks through the REST
+API), `quic` (batch again with the workers on QUIC), `startup`
 (idle RSS, pyz cold start), `scale` (200 simulated workers, 1k..1M queued tasks).
 Exit status: 0 when every selected scenario ran (missed targets included), 1 when the
 harness or the cluster broke (a crash, lost tasks), 2 for bad arguments.
@@ -24,7 +25,7 @@ from typing import Any, NoReturn
 
 from bench import cluster, limit, procs, report, scale, startup, targets, throughput
 
-SCENARIOS = ("limit", "batch", "single", "startup", "scale")
+SCENARIOS = ("limit", "batch", "quic", "single", "startup", "scale")
 DEPTHS = "1000,10000,100000,1000000"
 QUICK_DEPTHS = "1000,10000,100000"
 SIM_WORKERS = 200
@@ -100,6 +101,9 @@ def _runners(
     return {
         "limit": lambda: limit.measure(args.spawns, concurrency),
         "batch": lambda: throughput.run("batch", args.tasks, processes, root, secret),
+        "quic": lambda: throughput.run(
+            "batch", args.tasks, processes, root, secret, transport="quic"
+        ),
         "single": lambda: throughput.run("single", args.tasks, processes, root, secret),
         "startup": lambda: startup.run(processes, root, secret),
         "scale": lambda: scale.run(

@@ -65,6 +65,14 @@ def _ratio(results: dict[str, Any]) -> float | None:
     return None if rate is None or not limit else 100 * rate / limit
 
 
+def _quic_share(results: dict[str, Any]) -> float | None:
+    tcp, quic = (
+        _get(results, "batch", "tasks_per_second"),
+        _get(results, "quic", "tasks_per_second"),
+    )
+    return None if not tcp or quic is None else 100 * quic / tcp
+
+
 def _min_rate(results: dict[str, Any]) -> float | None:
     rates = [r["assignments_per_second"] for r in _scale_rows(results)]
     return min(rates) if rates else None
@@ -84,6 +92,7 @@ TABLE: tuple[tuple[str, str, Getter, float, bool, str], ...] = (
     ("batch throughput", "batch", lambda r: _get(r, "batch", "tasks_per_second"), 1000, True,
      "tasks/s"),
     ("batch throughput / limit", "batch", lambda r: _ratio(r), 60, True, "%"),
+    ("QUIC throughput / TLS-TCP", "quic vs batch", lambda r: _quic_share(r), 85, True, "%"),
     ("single throughput", "single", lambda r: _get(r, "single", "tasks_per_second"), 500, True,
      "tasks/s"),
     ("queue→start p50", PROBE, lambda r: _get(r, "batch", "probe", "queue_to_start", "p50_ms"),
@@ -104,5 +113,5 @@ def evaluate(results: dict[str, Any]) -> list[Target]:
     """Every target with its measured value (None when its scenario did not run)."""
     found = [Target(n, w, value(results), lim, hi, u) for n, w, value, lim, hi, u in TABLE]
     flat, flat_where = flatness(results)
-    found.insert(6, Target("scale per-task cost flat", flat_where, flat, FLAT_RATIO, False, "x"))
+    found.insert(7, Target("scale per-task cost flat", flat_where, flat, FLAT_RATIO, False, "x"))
     return found

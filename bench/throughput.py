@@ -58,14 +58,23 @@ async def _probe(c: cluster.Cluster, n: int, *, before: int) -> dict[str, Any]:
     return {"rate": PROBE_RATE, **load.latencies(sub, records)}
 
 
-def run(kind: str, n: int, processes: procs.Processes, root: Path, secret: str) -> dict[str, Any]:
-    """One scenario (`batch` or `single`) on a fresh cluster; the batch one adds a probe."""
-    workdir = root / kind
+def run(
+    kind: str,
+    n: int,
+    processes: procs.Processes,
+    root: Path,
+    secret: str,
+    *,
+    transport: str = "tcp",
+) -> dict[str, Any]:
+    """One scenario (`batch` or `single`) on a fresh cluster with workers on `transport`
+    (TLS over TCP, or QUIC); batch adds a latency probe."""
+    workdir = root / f"{kind}-{transport}"
     workdir.mkdir()
     c = cluster.Cluster(processes, workdir, secret=secret)
     try:
         started = c.start_dispatcher()
-        c.start_workers(WORKERS, MAX_JOBS)
+        c.start_workers(WORKERS, MAX_JOBS, transport=transport)
         with procs.RssSampler(c.pids()) as rss:
             cpu_before, rss_before = _cpu(c.pids()), rss.current("dispatcher")
             result = asyncio.run(_push(kind, n, c))
@@ -75,6 +84,7 @@ def run(kind: str, n: int, processes: procs.Processes, root: Path, secret: str) 
             dispatcher_rss_before=rss_before,
             peak_rss=rss.peak,
             cpu_seconds={k: cpu_after[k] - cpu_before[k] for k in cpu_before},
+            transport=transport,
         )
         if kind == "batch":
             result["probe"] = asyncio.run(_probe(c, PROBE_TASKS, before=n))

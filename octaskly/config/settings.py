@@ -415,6 +415,10 @@ class Settings(_Table):
         data = data.removesuffix(b"\n").removesuffix(b"\r")
         if not data:
             raise errors.ConfigError(f"secret_key_file {path}: file is empty")
+        if len(data) < 16:
+            raise errors.ConfigError(
+                f"secret_key_file {path}: the key must be at least 16 characters"
+            )
         return data
 
     def secret_file_or(self, default: Path) -> Path:

@@ -103,7 +103,10 @@ def test_secret_key_file_strips_one_newline(
     assert loaded.settings.secret_file_or(tmp_path / "other") == path
 
 
-@pytest.mark.parametrize(("content", "problem"), [(None, "cannot read"), (b"\n", "empty")])
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [(None, "cannot read"), (b"\n", "empty"), (b"short-key\n", "at least 16 characters")],
+)
 def test_bad_secret_key_file_names_the_file(
     tmp_path: Path, content: bytes | None, problem: str
 ) -> None:
