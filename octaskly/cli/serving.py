@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import secrets
@@ -18,19 +19,21 @@ from typing import Any
 import psutil
 from aiohttp import web
 
-from octaskly import errors
+from octaskly import __version__, errors
 from octaskly.api import app as api_app
 from octaskly.config import settings as config_settings
 from octaskly.domain import models
+from octaskly.protocol import messages
 from octaskly.services import auditing
 from octaskly.services import dispatcher as dispatching
 from octaskly.services import worker as working
 from octaskly.store import sqlite
-from octaskly.transport import p2p, tls
+from octaskly.transport import discovery, p2p, tls
 
 log = logging.getLogger("octaskly")
 SECRET_FILE = "secret.key"
 TLS_DIR = "tls"
+DISCOVERY_SECONDS = 3.0
 
 
 # -- secrets --------------------------------------------------------------------------------
@@ -92,13 +95,23 @@ class RunningDispatcher:
         listener: p2p.Listener,
         runner: web.AppRunner,
         api_port: int,
+        advertising: asyncio.Task[None] | None = None,
+        advertiser: discovery.Advertiser | None = None,
     ) -> None:
         self.dispatcher = dispatcher
         self.p2p = listener
         self.runner = runner
         self.api_port = api_port
+        self.advertising = advertising
+        self.advertiser = advertiser
 
     async def close(self) -> None:
+        if self.advertising is not None:
+            self.advertising.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.advertising
+        if self.advertiser is not None:
+            await self.advertiser.close()
         self.p2p.close()
         await self.runner.cleanup()
         await self.dispatcher.stop()
@@ -171,7 +184,22 @@ async def start_dispatcher(settings: config_settings.Settings) -> RunningDispatc
             net.bind_address,
             api_port,
         )
-    return RunningDispatcher(dispatcher, listener, runner, api_port)
+    # Announcing on the LAN takes ~2 s of mDNS probing: not on the start-up path.
+    advertiser = discovery.Advertiser()
+    advertising = asyncio.create_task(
+        advertiser.start(
+            port=listener.port,
+            bind_address=net.bind_address,
+            name=f"{socket.gethostname()}-{listener.port}",
+            properties={
+                "v": __version__,
+                "proto": str(messages.PROTOCOL_VERSION),
+                "quic": "1" if listener.quic is not None else "0",
+            },
+        ),
+        name="octaskly-mdns-advertise",
+    )
+    return RunningDispatcher(dispatcher, listener, runner, api_port, advertising, advertiser)
 
 
 async def _until_signal(*extra: asyncio.Future[Any] | asyncio.Event) -> None:
@@ -237,8 +265,27 @@ def worker_options(settings: config_settings.Settings) -> working.Options:
     )
 
 
+async def find_dispatchers(
+    settings: config_settings.Settings, options: working.Options
+) -> working.Options:
+    """Without --dispatcher-addr: the dispatchers mDNS finds, else 127.0.0.1:<port>."""
+    if settings.worker.dispatcher_addr:
+        return options
+    found = await discovery.discover(DISCOVERY_SECONDS)
+    if not found:
+        log.info(
+            "no dispatcher found on the LAN within %gs; trying %s",
+            DISCOVERY_SECONDS,
+            ", ".join(f"{h}:{p}" for h, p in options.dispatcher_addrs),
+        )
+        return options
+    log.info("found dispatcher(s) on the LAN: %s", ", ".join(f"{h}:{p}" for h, p in found))
+    return dataclasses.replace(options, dispatcher_addrs=tuple(found))
+
+
 async def run_worker(settings: config_settings.Settings) -> int:
-    worker = working.Worker(options=worker_options(settings))
+    options = await find_dispatchers(settings, worker_options(settings))
+    worker = working.Worker(options=options)
     log.info(
         "worker %s starting (dispatcher %s)",
         worker.options.name,
