@@ -43,3 +43,6 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
     root.setLevel(level.upper())
     # aiohttp's access log line per request is noise at info level.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    if root.level > logging.DEBUG:
+        # aioquic logs every connection's negotiation at INFO; its failures are WARNING+.
+        logging.getLogger("quic").setLevel(logging.WARNING)
