@@ -8,6 +8,7 @@ The store contract tests (`tests/integration/test_store_contract.py`) run agains
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Sequence
@@ -38,6 +39,7 @@ class InMemoryStore:
         self._keys: dict[tuple[str, str], str] = {}  # (owner or '', key) -> task id
         self._next_seq = 1
         self._counter = itertools.count()
+        self._tokens: dict[str, base.TokenRecord] = {}
 
     # -- lifecycle ------------------------------------------------------------------------
     async def open(self) -> None:
@@ -202,6 +204,31 @@ class InMemoryStore:
     async def check(self) -> None:
         """Raise StorageError unless the store is open."""
         self._ensure_open()
+
+    # -- tokens ---------------------------------------------------------------------------
+    async def record_token(self, record: base.TokenRecord) -> None:
+        self._ensure_open()
+        if record.jti in self._tokens:
+            raise errors.ConflictError(f"token {record.jti} is recorded already")
+        self._tokens[record.jti] = record
+
+    async def revoke_token(self, jti: str, *, revoked_at: float, expires_at: float) -> bool:
+        self._ensure_open()
+        known = self._tokens.get(jti) or base.TokenRecord(jti=jti, expires_at=expires_at)
+        if known.revoked_at is not None:
+            return False
+        self._tokens[jti] = dataclasses.replace(known, revoked_at=revoked_at)
+        return True
+
+    async def revoked_tokens(self, now: float) -> set[str]:
+        self._ensure_open()
+        return {
+            t.jti for t in self._tokens.values() if t.revoked_at is not None and t.expires_at > now
+        }
+
+    async def get_token(self, jti: str) -> base.TokenRecord | None:
+        self._ensure_open()
+        return self._tokens.get(jti)
 
 
 def _expected(task: models.Task, update: base.TaskUpdate) -> bool:

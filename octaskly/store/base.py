@@ -85,6 +85,18 @@ class DuplicateIdempotencyKey(Exception):
         self.key = key
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class TokenRecord:
+    """An API token the dispatcher knows of: issued by it, or revoked through it."""
+
+    jti: str
+    expires_at: float
+    subject: str | None = None
+    role: str | None = None
+    issued_at: float | None = None
+    revoked_at: float | None = None
+
+
 class Store(Protocol):
     """Durable task storage. All methods are coroutine-safe."""
 
@@ -144,3 +156,15 @@ class Store(Protocol):
 
     async def check(self) -> None:
         """Raise StorageError if the database cannot serve reads and writes now."""
+
+    async def record_token(self, record: TokenRecord) -> None:
+        """Remember an issued token (durably); a jti is recorded once."""
+
+    async def revoke_token(self, jti: str, *, revoked_at: float, expires_at: float) -> bool:
+        """Mark a token revoked (durably), recording it if unknown; False if it was revoked
+        already."""
+
+    async def revoked_tokens(self, now: float) -> set[str]:
+        """The jti of every revoked token that has not expired yet."""
+
+    async def get_token(self, jti: str) -> TokenRecord | None: ...

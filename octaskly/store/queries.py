@@ -242,3 +242,35 @@ def requirements(encoded: str | None) -> models.Requirements:
     if encoded is None:
         return _DEFAULT_REQUIREMENTS
     return models.Requirements.model_validate_json(encoded)
+
+
+# -- tokens ---------------------------------------------------------------------------------
+_TOKEN_COLUMNS = "jti, subject, role, issued_at, expires_at, revoked_at"
+INSERT_TOKEN = f"INSERT INTO tokens ({_TOKEN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"
+INSERT_REVOCATION = "INSERT OR IGNORE INTO tokens (jti, expires_at) VALUES (?, ?)"
+REVOKE_TOKEN = "UPDATE tokens SET revoked_at = ? WHERE jti = ? AND revoked_at IS NULL"
+REVOKED_TOKENS = "SELECT jti FROM tokens WHERE revoked_at IS NOT NULL AND expires_at > ?"
+GET_TOKEN = f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE jti = ?"
+
+
+def token_row(record: base.TokenRecord) -> tuple[Any, ...]:
+    return (
+        record.jti,
+        record.subject,
+        record.role,
+        record.issued_at,
+        record.expires_at,
+        record.revoked_at,
+    )
+
+
+def token_from_row(row: Sequence[Any]) -> base.TokenRecord:
+    jti, subject, role, issued_at, expires_at, revoked_at = row
+    return base.TokenRecord(
+        jti=jti,
+        subject=subject,
+        role=role,
+        issued_at=issued_at,
+        expires_at=expires_at,
+        revoked_at=revoked_at,
+    )

@@ -163,6 +163,31 @@ class SQLiteStore:
         self._submit(_update_op(updates, future))
         return cast(list[bool], await future)
 
+    async def _write_plain(self, statements: list[tuple[str, tuple[Any, ...]]]) -> list[int]:
+        self._ensure_writable()
+        future = asyncio.get_running_loop().create_future()
+        self._submit(writing.Op(future, plain=statements))
+        return cast(list[int], await future)
+
+    async def record_token(self, record: base.TokenRecord) -> None:
+        await self._write_plain([(queries.INSERT_TOKEN, queries.token_row(record))])
+
+    async def revoke_token(self, jti: str, *, revoked_at: float, expires_at: float) -> bool:
+        (_, changed) = await self._write_plain(
+            [
+                (queries.INSERT_REVOCATION, (jti, expires_at)),
+                (queries.REVOKE_TOKEN, (revoked_at, jti)),
+            ]
+        )
+        return changed == 1
+
+    async def revoked_tokens(self, now: float) -> set[str]:
+        return {row[0] for row in await self._read(queries.REVOKED_TOKENS, (now,))}
+
+    async def get_token(self, jti: str) -> base.TokenRecord | None:
+        rows = await self._read(queries.GET_TOKEN, (jti,))
+        return queries.token_from_row(rows[0]) if rows else None
+
     def apply_soon(self, updates: Sequence[base.TaskUpdate]) -> None:
         """Queue updates behind every write already queued, without waiting for the commit."""
         self._ensure_writable()

@@ -43,12 +43,18 @@ class Op:
     rows: list[tuple[Any, ...]] = dataclasses.field(default_factory=list)
     statements: list[queries.Update] = dataclasses.field(default_factory=list)
     seq_bumps: list[int | None] = dataclasses.field(default_factory=list)
+    plain: list[tuple[str, tuple[Any, ...]]] = dataclasses.field(default_factory=list)
+    """Other statements (tokens), run in order; the result is their row counts."""
     result: Any = None
     error: BaseException | None = None
 
     @property
     def is_insert(self) -> bool:
         return bool(self.rows)
+
+    @property
+    def kind(self) -> str:
+        return "insert" if self.rows else "plain" if self.plain else "update"
 
 
 class BatchWriter:
@@ -92,10 +98,12 @@ class BatchWriter:
         first_seq = self.next_seq
         try:
             db.execute("BEGIN IMMEDIATE")
-            for is_insert, group in itertools.groupby(batch, key=lambda op: op.is_insert):
+            for kind, group in itertools.groupby(batch, key=lambda op: op.kind):
                 ops = list(group)
-                if is_insert:
+                if kind == "insert":
                     self._run_group(db, ops, self._insert_all, self._insert_one)
+                elif kind == "plain":
+                    self._run_group(db, ops, self._plain_all, self._plain_one)
                 else:
                     self._run_group(db, ops, self._update_all, self._update_one)
             db.execute("COMMIT")
@@ -141,6 +149,13 @@ class BatchWriter:
 
     def _insert_one(self, db: sqlite3.Connection, op: Op) -> None:
         db.executemany(queries.INSERT_TASK, self._number(op))
+
+    def _plain_all(self, db: sqlite3.Connection, ops: list[Op]) -> None:
+        for op in ops:
+            self._plain_one(db, op)
+
+    def _plain_one(self, db: sqlite3.Connection, op: Op) -> None:
+        op.result = [db.execute(sql, params).rowcount for sql, params in op.plain]
 
     def _update_all(self, db: sqlite3.Connection, ops: list[Op]) -> None:
         """Every update of `ops` in order; a run of consecutive updates of one shape on
@@ -218,6 +233,8 @@ def _op_error(db: sqlite3.Connection, op: Op, exc: BaseException) -> BaseExcepti
             return duplicate
     if op.is_insert and "tasks.id" in text:
         return errors.ConflictError("a task with one of these ids exists already")
+    if "tokens.jti" in text:
+        return errors.ConflictError("a token with this id is recorded already")
     if isinstance(exc, ValueError):
         return exc
     return ValueError(f"the database rejected the write: {exc}")

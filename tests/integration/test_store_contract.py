@@ -414,3 +414,28 @@ async def test_lifecycle_errors(make_store: StoreFactory) -> None:
             await call()
     with pytest.raises(errors.StorageError, match="closed"):
         store.apply_soon([base.TaskUpdate("x", {"error": "e"})])
+
+
+# -- tokens -----------------------------------------------------------------------------------
+
+
+async def test_tokens_are_recorded_revoked_once_and_expire_from_the_revocation_list(
+    store: base.Store,
+) -> None:
+    issued = base.TokenRecord(
+        jti="j1", subject="alice", role="client", issued_at=100.0, expires_at=1000.0
+    )
+    await store.record_token(issued)
+    assert await store.get_token("j1") == issued
+    with pytest.raises(errors.OctasklyError):
+        await store.record_token(issued)  # a jti is recorded once
+    assert await store.revoked_tokens(now=200.0) == set()
+    assert await store.revoke_token("j1", revoked_at=300.0, expires_at=1000.0) is True
+    assert await store.revoke_token("j1", revoked_at=301.0, expires_at=1000.0) is False
+    # a token signed elsewhere (CLI with the key) can be revoked without being recorded
+    assert await store.revoke_token("elsewhere", revoked_at=300.0, expires_at=500.0) is True
+    assert await store.revoked_tokens(now=400.0) == {"j1", "elsewhere"}
+    assert await store.revoked_tokens(now=600.0) == {"j1"}
+    record = await store.get_token("j1")
+    assert record is not None and record.revoked_at == 300.0 and record.subject == "alice"
+    assert await store.get_token("unknown") is None
