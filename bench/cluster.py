@@ -57,6 +57,8 @@ class Cluster:
             ],
         )
         procs.wait_until(self._healthy, timeout=timeout, what="the dispatcher's /health")
+        # The admin token the dispatcher wrote to its data dir: the load generator's key.
+        os.environ[api.TOKEN_ENV] = (self.workdir / "admin.token").read_text().strip()
         return time.monotonic() - started
 
     def _healthy(self) -> bool:

@@ -35,6 +35,15 @@ class ValidationError(PermanentError):
         self.field = field
 
 
+class AuthenticationError(PermanentError):
+    """No valid credentials: a missing, malformed, forged, expired or revoked token (401),
+    or a peer that failed to prove knowledge of the cluster secret key."""
+
+
+class PermissionDeniedError(PermanentError):
+    """Valid credentials whose role may not do this (403)."""
+
+
 class NotFoundError(PermanentError):
     """The named object does not exist (or is not visible to the caller)."""
 
@@ -57,7 +66,3 @@ class StorageFullError(StorageError, TemporaryError):
 
 class ProtocolError(PermanentError):
     """A peer sent a frame that breaks the P2P protocol; the connection is dropped."""
-
-
-class AuthenticationError(PermanentError):
-    """A peer failed to prove knowledge of the cluster secret key."""

@@ -125,9 +125,13 @@ async def until(
 
 
 @contextlib.asynccontextmanager
-async def running_cluster(tmp: Path, **option_overrides: Any) -> AsyncIterator[Cluster]:
+async def running_cluster(
+    tmp: Path, *, require_auth: bool = False, **option_overrides: Any
+) -> AsyncIterator[Cluster]:
+    """Auth is off unless asked for: the API's own tests check it; the rest act as admin."""
     options = dispatching.Options(
         secret_key=SECRET,
+        audit_path=tmp / "logs" / "audit.log",
         **{"keepalive_interval": 0.2, "connection_timeout": 2.0, **option_overrides},
     )
     store = sqlite.SQLiteStore(tmp / "octaskly.db")
@@ -135,7 +139,7 @@ async def running_cluster(tmp: Path, **option_overrides: Any) -> AsyncIterator[C
     await dispatcher.start()
     identity = tls.load_or_create(tmp / "tls")
     p2p = await p2p_transport.listen("127.0.0.1", 0, dispatcher.peers.handle, identity=identity)
-    runner = web.AppRunner(api_app.build(dispatcher), access_log=None)
+    runner = web.AppRunner(api_app.build(dispatcher, require_auth=require_auth), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

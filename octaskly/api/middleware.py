@@ -26,6 +26,7 @@ class Principal:
 
     subject: str
     role: str
+    jti: str | None = None
 
     @property
     def owner(self) -> str | None:
@@ -33,6 +34,8 @@ class Principal:
 
 
 Authenticator = Callable[[web.Request], Awaitable[Principal]]
+DenialHook = Callable[[web.Request, int, str], None]
+"""Called for every 401 and 403 (request, status, reason): the audit trail."""
 PRINCIPAL_KEY: web.RequestKey[Principal] = web.RequestKey("principal", Principal)
 REQUEST_ID_KEY: web.RequestKey[str] = web.RequestKey("request_id", str)
 
@@ -79,6 +82,12 @@ def _translate(exc: BaseException) -> web.Response:
         return error_response(exc.status, exc.message, field=exc.field, headers=exc.headers)
     if isinstance(exc, errors.ValidationError):
         return error_response(400, str(exc), field=exc.field)
+    if isinstance(exc, errors.AuthenticationError):
+        return error_response(
+            401, f"unauthorized: {exc}", headers={"WWW-Authenticate": 'Bearer realm="octaskly"'}
+        )
+    if isinstance(exc, errors.PermissionDeniedError):
+        return error_response(403, f"forbidden: {exc}")
     if isinstance(exc, errors.NotFoundError):
         return error_response(404, str(exc))
     if isinstance(exc, errors.ConflictError):
@@ -104,7 +113,31 @@ def _http_exception(exc: web.HTTPException) -> web.Response:
     )
 
 
-def build(authenticator: Authenticator) -> list[Any]:
+def bearer(verify: Callable[[str], Any]) -> Authenticator:
+    """An authenticator for `Authorization: Bearer <JWT>`; `verify` returns the claims
+    (sub, role, jti) or raises AuthenticationError."""
+
+    async def authenticate(request: web.Request) -> Principal:
+        scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not value.strip():
+            raise errors.AuthenticationError(
+                "a token is required (header Authorization: Bearer <token>)"
+            )
+        claims = verify(value.strip())
+        return Principal(subject=claims.sub, role=claims.role, jti=claims.jti)
+
+    return authenticate
+
+
+def require(request: web.Request, roles: frozenset[str], action: str) -> Principal:
+    """The caller, if its role may do `action`; else PermissionDeniedError."""
+    principal = request[PRINCIPAL_KEY]
+    if principal.role not in roles:
+        raise errors.PermissionDeniedError(f"role {principal.role!r} may not {action}")
+    return principal
+
+
+def build(authenticator: Authenticator, on_denied: DenialHook | None = None) -> list[Any]:
     """The middleware chain, outermost first."""
 
     @web.middleware
@@ -119,6 +152,8 @@ def build(authenticator: Authenticator) -> list[Any]:
             response = _http_exception(exc)
         except Exception as exc:
             response = _translate(exc)
+            if on_denied is not None and response.status in (401, 403):
+                on_denied(request, response.status, str(exc))
         if not response.prepared:
             response.headers["X-Request-ID"] = request[REQUEST_ID_KEY]
             response.headers["X-Response-Time-ms"] = f"{(time.perf_counter() - started) * 1000:.2f}"

@@ -13,9 +13,18 @@ from aiohttp import web
 from octaskly.api import middleware
 from octaskly.api.middleware import HTTPProblem, rfc3339
 from octaskly.domain import models
+from octaskly.services import tokens
 from octaskly.services.dispatcher import Dispatcher
 
 DISPATCHER_KEY: web.AppKey[Dispatcher] = web.AppKey("dispatcher", Dispatcher)
+
+# SPEC's permission matrix. A `client` sees and cancels only its own tasks (the store
+# filters by owner, so another client's task is a 404); `worker` tokens are for the P2P
+# port, not for the API.
+TASKS = frozenset({"admin", "dispatcher", "client"})
+CLUSTER = frozenset({"admin", "dispatcher"})
+ADMIN = frozenset({"admin"})
+ANY = frozenset({"admin", "dispatcher", "worker", "client"})
 MAX_BATCH = 10_000
 _TASK_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _spec_adapter = pydantic.TypeAdapter(models.TaskSpec)
@@ -148,6 +157,7 @@ def task_record(task: models.Task, waiting_reason: str | None = None) -> dict[st
 
 # -- handlers ---------------------------------------------------------------------------------
 async def submit(request: web.Request) -> web.Response:
+    middleware.require(request, TASKS, "submit tasks")
     _check_query(request, set())
     spec = _spec(await _body(request))
     tasks, created = await _dispatcher(request).submit(
@@ -168,6 +178,7 @@ async def submit(request: web.Request) -> web.Response:
 
 
 async def submit_batch(request: web.Request) -> web.Response:
+    middleware.require(request, TASKS, "submit tasks")
     _check_query(request, set())
     raw = await _body(request)
     if not isinstance(raw, dict) or set(raw) != {"tasks"} or not isinstance(raw["tasks"], list):
@@ -188,6 +199,7 @@ async def submit_batch(request: web.Request) -> web.Response:
 
 
 async def list_tasks(request: web.Request) -> web.Response:
+    middleware.require(request, TASKS, "list tasks")
     _check_query(request, {"status", "worker_id", "limit", "offset"})
     status_raw = request.query.get("status")
     status = None
@@ -217,6 +229,7 @@ async def list_tasks(request: web.Request) -> web.Response:
 
 
 async def get_task(request: web.Request) -> web.Response:
+    middleware.require(request, TASKS, "read tasks")
     _check_query(request, set())
     dispatcher = _dispatcher(request)
     task = await dispatcher.get(_task_id(request), owner=_owner(request))
@@ -224,6 +237,7 @@ async def get_task(request: web.Request) -> web.Response:
 
 
 async def cancel_task(request: web.Request) -> web.Response:
+    middleware.require(request, TASKS, "cancel tasks")
     _check_query(request, set())
     task = await _dispatcher(request).cancel(_task_id(request), owner=_owner(request))
     return _json(
@@ -236,6 +250,7 @@ async def cancel_task(request: web.Request) -> web.Response:
 
 
 async def task_logs(request: web.Request) -> web.StreamResponse:
+    middleware.require(request, TASKS, "read task output")
     _check_query(request, {"follow"})
     dispatcher = _dispatcher(request)
     task_id, owner = _task_id(request), _owner(request)
@@ -262,6 +277,7 @@ async def task_logs(request: web.Request) -> web.StreamResponse:
 
 
 async def workers(request: web.Request) -> web.Response:
+    middleware.require(request, CLUSTER, "see workers")
     _check_query(request, set())
     views = _dispatcher(request).peers.views()
     for view in views:
@@ -271,6 +287,7 @@ async def workers(request: web.Request) -> web.Response:
 
 
 async def stats(request: web.Request) -> web.Response:
+    middleware.require(request, CLUSTER, "see cluster statistics")
     _check_query(request, set())
     return _json(await _dispatcher(request).stats())
 
@@ -296,3 +313,69 @@ async def ready(request: web.Request) -> web.Response:
     if role != "primary":
         return _json({"ready": False, "role": role, "message": "not the primary"}, 503)
     return _json({"ready": True, "role": role})
+
+
+# -- tokens (admin) ---------------------------------------------------------------------------
+def _ttl(raw: Any) -> float:
+    """Seconds from a number or a duration text like "90s", "30m", "24h", "7d"."""
+    if isinstance(raw, bool) or raw is None:
+        raise HTTPProblem(400, "ttl: a number of seconds or a duration like 24h", field="ttl")
+    if isinstance(raw, int | float):
+        return float(raw)
+    if isinstance(raw, str):
+        try:
+            return tokens.parse_duration(raw)
+        except ValueError as exc:
+            raise HTTPProblem(400, f"ttl: {exc}", field="ttl") from None
+    raise HTTPProblem(400, "ttl: a number of seconds or a duration like 24h", field="ttl")
+
+
+async def create_token(request: web.Request) -> web.Response:
+    principal = middleware.require(request, ADMIN, "issue tokens")
+    _check_query(request, set())
+    raw = await _body(request)
+    if not isinstance(raw, dict) or not set(raw) <= {"role", "subject", "ttl"}:
+        raise HTTPProblem(400, 'expected {"role", "subject"?, "ttl"?}', field="body")
+    role = raw.get("role")
+    subject = raw.get("subject", principal.subject if role == "admin" else None)
+    if not isinstance(role, str):
+        raise HTTPProblem(400, "role: required", field="role")
+    if not isinstance(subject, str):
+        raise HTTPProblem(400, "subject: required (who the token is for)", field="subject")
+    ttl = _ttl(raw.get("ttl", tokens.DEFAULT_TTL))
+    dispatcher = _dispatcher(request)
+    token, claims = await dispatcher.tokens.issue(subject=subject, role=role, ttl=ttl)
+    dispatcher.audit.record(
+        "token_issued",
+        action="issue token",
+        actor=principal.subject,
+        details={"jti": claims.jti, "subject": claims.sub, "role": claims.role, "exp": claims.exp},
+        source_ip=request.remote,
+    )
+    return _json(
+        {
+            "token": token,
+            "id": claims.jti,
+            "subject": claims.sub,
+            "role": claims.role,
+            "issued_at": rfc3339(claims.iat),
+            "expires_at": rfc3339(claims.exp),
+        },
+        201,
+    )
+
+
+async def revoke_token(request: web.Request) -> web.Response:
+    principal = middleware.require(request, ADMIN, "revoke tokens")
+    _check_query(request, set())
+    jti = request.match_info["jti"]
+    dispatcher = _dispatcher(request)
+    changed = await dispatcher.tokens.revoke(jti)
+    dispatcher.audit.record(
+        "token_revoked",
+        action="revoke token",
+        actor=principal.subject,
+        details={"jti": jti, "already_revoked": not changed},
+        source_ip=request.remote,
+    )
+    return _json({"id": jti, "revoked": True, "message": "revoked" if changed else "was revoked"})

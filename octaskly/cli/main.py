@@ -60,7 +60,8 @@ WORKER_KEYS = [
     "connection_timeout",
     *COMMON_KEYS,
 ]
-CLIENT_KEYS = ["api_url", "token", *COMMON_KEYS]
+CLIENT_KEYS = ["api_url", "token", "data_dir", *COMMON_KEYS]
+TOKEN_KEYS = [*CLIENT_KEYS[:-2], "secret_key", "secret_key_file", *COMMON_KEYS]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -154,6 +155,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     _client_parsers(sub)
 
+    p = sub.add_parser("token", help="Create or revoke API tokens")
+    tsub = p.add_subparsers(dest="token_command", metavar="ACTION", parser_class=_Parser)
+    tsub.required = True
+    t = tsub.add_parser(
+        "create",
+        help="Create a token: signed here with the cluster key if this machine has it, "
+        "else issued by the dispatcher (needs an admin --token)",
+    )
+    t.add_argument("--role", required=True, choices=["admin", "dispatcher", "worker", "client"])
+    t.add_argument("--subject", help="who the token is for (required unless --role admin)")
+    t.add_argument("--ttl", default="24h", help="lifetime: 90s, 30m, 24h, 7d (default 24h)")
+    t.add_argument("--json", action="store_true", help="print id, subject, role, expiry too")
+    _with_config(t)
+    loading.add_flags(t, TOKEN_KEYS)
+    t.set_defaults(kind="token", token_command="create")
+    t = tsub.add_parser("revoke", help="Revoke a token by its id (needs an admin token)")
+    t.add_argument("token_id")
+    _with_config(t)
+    loading.add_flags(t, CLIENT_KEYS)
+    t.set_defaults(kind="token", token_command="revoke")
+
     p = sub.add_parser("config", help="Write, show or check configuration")
     csub = p.add_subparsers(dest="config_command", metavar="ACTION", parser_class=_Parser)
     csub.required = True
@@ -205,15 +227,19 @@ def _config_command(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.kind.startswith("config-"):
         return _config_command(args)
-    if args.kind == "client":
-        from octaskly.cli import remote
+    if args.kind in ("client", "token"):
+        from octaskly.cli import tokens_cmd
 
         settings = _load(args).settings
-        return remote.run(
-            args,
-            api_url=settings.api.api_url,
-            token=settings.api.token.get_secret_value() if settings.api.token else None,
+        token = tokens_cmd.find_token(
+            settings, data_dir_given=getattr(args, "data_dir", None) is not None
         )
+        if args.kind == "token":
+            command = tokens_cmd.create if args.token_command == "create" else tokens_cmd.revoke
+            return command(args, settings, token)
+        from octaskly.cli import remote
+
+        return remote.run(args, api_url=settings.api.api_url, token=token)
     from octaskly.cli import serving
 
     if args.kind == "dev":

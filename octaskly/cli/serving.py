@@ -21,6 +21,7 @@ from aiohttp import web
 
 from octaskly import __version__, errors
 from octaskly.api import app as api_app
+from octaskly.cli import tokens_cmd
 from octaskly.config import settings as config_settings
 from octaskly.domain import models
 from octaskly.protocol import messages
@@ -130,6 +131,32 @@ def _refuse_unavailable(settings: config_settings.Settings) -> None:
             raise errors.ConfigError(f"{what} is not supported by this version of octaskly yet")
 
 
+ADMIN_TOKEN_TTL = 365 * 24 * 3600
+ADMIN_TOKEN_RENEW = 30 * 24 * 3600
+
+
+async def ensure_admin_token(dispatcher: dispatching.Dispatcher, data_dir: Path) -> None:
+    """Keep a valid admin token in `<data dir>/admin.token` (0600) for this machine's owner:
+    the local CLI finds it there. A revoked, foreign or soon-expiring one is replaced."""
+    path = data_dir / tokens_cmd.TOKEN_FILE
+    with contextlib.suppress(OSError, errors.AuthenticationError):
+        claims = dispatcher.tokens.verify(path.read_text().strip())
+        if claims.role == "admin" and claims.exp - dispatcher.clock() > ADMIN_TOKEN_RENEW:
+            os.chmod(path, 0o600)
+            return
+    token, claims = await dispatcher.tokens.issue(
+        subject="local-admin", role="admin", ttl=ADMIN_TOKEN_TTL
+    )
+    tokens_cmd.write_private(path, token + "\n")
+    dispatcher.audit.record(
+        "token_issued",
+        action="issue token",
+        actor="dispatcher",
+        details={"jti": claims.jti, "subject": claims.sub, "role": "admin", "file": str(path)},
+    )
+    log.info("wrote the local admin token to %s (mode 0600)", path)
+
+
 async def start_dispatcher(settings: config_settings.Settings) -> RunningDispatcher:
     _refuse_unavailable(settings)
     data_dir = settings.data_dir()
@@ -155,7 +182,10 @@ async def start_dispatcher(settings: config_settings.Settings) -> RunningDispatc
             f"cannot listen on {net.bind_address}:{net.port} (P2P, TCP"
             f"{' and UDP' if net.quic_enabled else ''}): {exc.strerror or exc}"
         ) from None
-    runner = web.AppRunner(api_app.build(dispatcher), access_log=None, handle_signals=False)
+    if settings.security.require_auth:
+        await ensure_admin_token(dispatcher, data_dir)
+    app = api_app.build(dispatcher, require_auth=settings.security.require_auth)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, net.bind_address, net.api_port, reuse_address=True)
     try:

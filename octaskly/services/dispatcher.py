@@ -22,7 +22,7 @@ import psutil
 
 from octaskly import __version__, errors
 from octaskly.domain import models, queueing, scheduling
-from octaskly.services import auditing, live, peering
+from octaskly.services import auditing, live, peering, tokens
 from octaskly.store import base as store_base
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,7 @@ class Dispatcher:
         self.outputs: dict[str, live.LiveOutput] = {}
         self.watchers = live.Watchers()
         self.audit = auditing.AuditLog(options.audit_path)
+        self.tokens = tokens.Tokens(options.secret_key, store, clock)
         self.peers = peering.Peers(self)
         self.queued_count = 0
         self.started_at = clock()
@@ -93,6 +94,7 @@ class Dispatcher:
     async def start(self) -> None:
         self.audit.open()
         await self.store.open()
+        await self.tokens.load()
         counts = await self.store.count_by_status()
         await self._recover_running()
         self.queued_count = counts[QUEUED] + counts[RUNNING]

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -74,11 +75,25 @@ def run(
     )
 
 
-def http(method: str, url: str, body: Any = None) -> tuple[int, Any]:
+# API base URL -> the admin token its dispatcher wrote (registered by wait_healthy).
+TOKENS: dict[str, str] = {}
+TOKEN_FILE = "admin.token"
+
+
+def _base(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def http(method: str, url: str, body: Any = None, token: str | None = None) -> tuple[int, Any]:
+    """A JSON request; with the admin token of that dispatcher unless `token` is given
+    ("" sends none)."""
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(
-        url, data=data, method=method, headers={"Content-Type": "application/json"}
-    )
+    headers = {"Content-Type": "application/json"}
+    token = TOKENS.get(_base(url)) if token is None else token
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=10) as resp:
             return resp.status, json.loads(resp.read())
@@ -87,17 +102,31 @@ def http(method: str, url: str, body: Any = None) -> tuple[int, Any]:
 
 
 def wait_healthy(
-    api: str, proc: subprocess.Popen[bytes] | None = None, timeout: float = 30
+    api: str,
+    proc: subprocess.Popen[bytes] | None = None,
+    timeout: float = 30,
+    *,
+    data_dir: Path | None = None,
 ) -> None:
+    """Until /health answers; with `data_dir`, also register the dispatcher's admin token
+    (which it writes there before it serves) for `http` and `client_env`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"process exited early with {proc.returncode}")
         with contextlib.suppress(OSError, ValueError):
             if http("GET", f"{api}/health")[0] == 200:
+                if data_dir is not None:
+                    TOKENS[_base(api)] = (data_dir / TOKEN_FILE).read_text().strip()
                 return
         time.sleep(0.05)
     raise AssertionError(f"{api} never became healthy")
+
+
+def client_env(api: str, **extra: str) -> dict[str, str]:
+    """The environment of a client command talking to `api` with its admin token."""
+    token = TOKENS.get(_base(api))
+    return clean_env(OCTASKLY_API_URL=api, **({"OCTASKLY_TOKEN": token} if token else {}), **extra)
 
 
 def wait_for(predicate: Any, *, timeout: float = 30, what: str = "condition") -> Any:

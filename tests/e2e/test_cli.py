@@ -14,7 +14,7 @@ from tests.e2e.procs import SECRET, clean_env, free_port, http, run, start, wait
 
 
 def _client_env(api: str) -> dict[str, str]:
-    return clean_env(OCTASKLY_API_URL=api)
+    return procs.client_env(api)
 
 
 def _check_client_commands(tmp_path: Path, api: str) -> None:
@@ -67,7 +67,7 @@ def test_flags(tmp_path: Path) -> None:
                 cwd=tmp_path,
             )
         )
-        wait_healthy(api, ps[0])
+        wait_healthy(api, ps[0], data_dir=tmp_path / "x")
         ps.append(
             start(
                 [
@@ -101,7 +101,7 @@ def test_environment_variables(tmp_path: Path) -> None:
     )
     with procs.processes() as ps:
         ps.append(start(["dispatcher"], cwd=tmp_path, env=env))
-        wait_healthy(api, ps[0])
+        wait_healthy(api, ps[0], data_dir=tmp_path)
         worker_env = dict(env, OCTASKLY_DISPATCHER_ADDR=f"127.0.0.1:{port}", OCTASKLY_NAME="w1")
         ps.append(start(["worker"], cwd=tmp_path, env=worker_env))
         wait_for(lambda: http("GET", f"{api}/api/v1/workers")[1]["total"] == 1, what="worker")
@@ -135,7 +135,7 @@ max_jobs = 2
 """)
     with procs.processes() as ps:
         ps.append(start(["dispatcher", "--config", str(config)], cwd=tmp_path))
-        wait_healthy(api, ps[0])
+        wait_healthy(api, ps[0], data_dir=tmp_path)
         ps.append(start(["worker", "--config", str(config)], cwd=tmp_path))
         wait_for(lambda: http("GET", f"{api}/api/v1/workers")[1]["total"] == 1, what="worker")
         workers = http("GET", f"{api}/api/v1/workers")[1]["workers"]
@@ -220,7 +220,7 @@ def test_kill_9_loses_no_acknowledged_task(tmp_path: Path) -> None:
     marks.mkdir()
     with procs.processes() as ps:
         ps.append(start(args, cwd=tmp_path))
-        wait_healthy(api, ps[0])
+        wait_healthy(api, ps[0], data_dir=tmp_path)
         ps.append(
             start(
                 [
@@ -258,7 +258,7 @@ def test_kill_9_loses_no_acknowledged_task(tmp_path: Path) -> None:
         ps[0].send_signal(signal.SIGKILL)
         ps[0].wait()
         ps.append(start(args, cwd=tmp_path))
-        wait_healthy(api, ps[-1])
+        wait_healthy(api, ps[-1], data_dir=tmp_path)
         for task_id in [*slow, *acked]:
             wait_for(
                 lambda t=task_id: (
@@ -272,3 +272,42 @@ def test_kill_9_loses_no_acknowledged_task(tmp_path: Path) -> None:
         }
         total = http("GET", f"{api}/api/v1/tasks?limit=1000")[1]["total"]
         assert total == 42
+
+
+def test_token_commands_sign_locally_use_and_revoke(tmp_path: Path) -> None:
+    port, api_port = free_port(), free_port()
+    api = f"http://127.0.0.1:{api_port}"
+    data = tmp_path / "data"
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(SECRET + "\n")
+    secret_file.chmod(0o600)
+    with procs.processes() as ps:
+        flags = ["--port", str(port), "--api-port", str(api_port), "--bind", "127.0.0.1"]
+        flags += ["--data-dir", str(data), "--secret-key-file", str(secret_file)]
+        ps.append(start(["dispatcher", *flags], cwd=tmp_path))
+        wait_healthy(api, ps[0], data_dir=data)
+        assert (data / "admin.token").stat().st_mode & 0o777 == 0o600
+        bare = clean_env(OCTASKLY_API_URL=api)  # no token anywhere: 401, exit 1
+        denied = run(["list"], cwd=tmp_path, env=bare)
+        assert denied.returncode == 1 and "401" in denied.stderr
+        # signed here with the cluster key, no dispatcher involved
+        create = ["token", "create", "--role", "client", "--subject", "bob", "--ttl", "1h"]
+        made = run(
+            [*create, "--json", "--secret-key-file", str(secret_file)], cwd=tmp_path, env=bare
+        )
+        assert made.returncode == 0, made.stderr
+        issued = json.loads(made.stdout)
+        bob = dict(bare, OCTASKLY_TOKEN=issued["token"])
+        submitted = run(["submit", "--", "true"], cwd=tmp_path, env=bob)
+        assert submitted.returncode == 0, submitted.stderr
+        assert run(["workers"], cwd=tmp_path, env=bob).returncode == 1  # 403 for a client
+        # revoking needs an admin: the local one in the data dir
+        revoked = run(
+            ["token", "revoke", issued["id"], "--data-dir", str(data)], cwd=tmp_path, env=bare
+        )
+        assert revoked.returncode == 0 and "revoked" in revoked.stdout, revoked.stderr
+        after = run(["list"], cwd=tmp_path, env=bob)
+        assert after.returncode == 1 and "revoked" in after.stderr
+        bad = run(["token", "create", "--role", "client"], cwd=tmp_path, env=bare)
+        assert bad.returncode == 2 and "--subject" in bad.stderr
+        assert procs.stop(ps[0]) == 0

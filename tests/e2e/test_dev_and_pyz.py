@@ -27,10 +27,12 @@ def test_dev_runs_a_local_cluster(tmp_path: Path) -> None:
                 ["dev", "--port", str(port), "--api-port", str(api_port)], cwd=tmp_path, env=env
             )
         )
-        wait_healthy(api, ps[0])
+        wait_healthy(api, ps[0], data_dir=tmp_path / ".octaskly")
         wait_for(
             lambda: http("GET", f"{api}/api/v1/workers")[1]["total"] == 2, what="two dev workers"
         )
+        # no token given: the client finds the one `dev` wrote in ./.octaskly/
+        assert http("GET", f"{api}/api/v1/workers", token="")[0] == 401
         result = run(
             ["submit", "--wait", "--", "echo", "hello"],
             cwd=tmp_path,
@@ -40,6 +42,7 @@ def test_dev_runs_a_local_cluster(tmp_path: Path) -> None:
         data = tmp_path / ".octaskly"
         assert (data / "octaskly.db").exists()
         assert (data / "secret.key").stat().st_mode & 0o777 == 0o600
+        assert (data / "admin.token").stat().st_mode & 0o777 == 0o600
         assert data.stat().st_mode & 0o777 == 0o700
         assert procs.stop(ps[0], signal.SIGINT) == 0
         # the workers went down with it
@@ -124,9 +127,10 @@ def test_pyz_runs_dispatcher_and_worker_from_anywhere(pyz: Path, tmp_path: Path)
                 )
             )
             if args is dispatcher:
-                wait_healthy(api, ps[0])
+                wait_healthy(api, ps[0], data_dir=elsewhere)
+        client = ["submit", "--wait", "--api-url", api, "--data-dir", str(elsewhere)]
         submit = subprocess.run(
-            [*cmd, "submit", "--wait", "--api-url", api, "--", "echo", "zip"],
+            [*cmd, *client, "--", "echo", "zip"],
             cwd=elsewhere,
             env=env,
             capture_output=True,

@@ -60,7 +60,8 @@ def _discover_from(ns: str, *, cwd: Path, timeout: float) -> list[tuple[str, int
 
 
 def _worker_total(pair: NetnsPair, api: str, cwd: Path) -> int:
-    result = _run(pair.d, ["workers", "--api-url", api, "--json"], cwd=cwd, timeout=15)
+    args = ["workers", "--api-url", api, "--data-dir", str(cwd / "d"), "--json"]
+    result = _run(pair.d, args, cwd=cwd, timeout=15)
     return int(json.loads(result.stdout)["total"]) if result.returncode == 0 else 0
 
 
@@ -87,7 +88,8 @@ def test_worker_without_dispatcher_addr_discovers_the_dispatcher(tmp_path: Path)
             wait_for(lambda: _worker_total(pair, api, tmp_path) == 1, timeout=20, what="worker")
         except AssertionError:
             raise AssertionError(f"worker did not join via discovery\n{_logs(tmp_path)}") from None
-        submit = ["submit", "--api-url", api, "--wait", "--", "echo", "found-it"]
+        submit = ["submit", "--api-url", api, "--data-dir", str(tmp_path / "d")]
+        submit += ["--wait", "--", "echo", "found-it"]
         done = _run(pair.d, submit, cwd=tmp_path, timeout=30)
         assert (done.returncode, done.stdout) == (0, "found-it\n"), done.stderr
         assert (

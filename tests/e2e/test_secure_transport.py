@@ -54,7 +54,7 @@ class Cluster:
             log=self.log,
         )
         self.running.append(self.proc)
-        procs.wait_healthy(self.api, self.proc)
+        procs.wait_healthy(self.api, self.proc, data_dir=self.data)
 
     def worker(
         self, name: str, *, transport: str, port: int | None = None, secret_file: Path | None = None

@@ -1,0 +1,121 @@
+"""`octaskly token create|revoke`, and where client commands find a token."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from octaskly import errors
+from octaskly.cli.client import APIError, Client
+from octaskly.config import settings as config_settings
+from octaskly.services import tokens
+
+TOKEN_FILE = "admin.token"
+SECRET_FILE = "secret.key"
+DEV_DATA_DIR = Path(".octaskly")
+SYSTEM_DATA_DIR = Path("/var/lib/octaskly")
+
+
+def token_dirs(settings: config_settings.Settings, explicit: bool) -> list[Path]:
+    """Data dirs that may hold this machine's admin token, most specific first."""
+    if explicit:
+        return [settings.data_dir()]
+    return list(dict.fromkeys([DEV_DATA_DIR, settings.data_dir(), SYSTEM_DATA_DIR]))
+
+
+def find_token(settings: config_settings.Settings, *, data_dir_given: bool) -> str | None:
+    """--token / OCTASKLY_TOKEN / config, else the admin token a local dispatcher wrote."""
+    if settings.api.token is not None:
+        return settings.api.token.get_secret_value()
+    for directory in token_dirs(settings, data_dir_given):
+        try:
+            text = (directory / TOKEN_FILE).read_text().strip()
+        except OSError:
+            continue
+        if text:
+            return text
+    return None
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write `text` to `path` with mode 0600, atomically."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def _local_secret(settings: config_settings.Settings) -> bytes | None:
+    secret = settings.secret_bytes()
+    if secret is not None:
+        return secret
+    try:
+        data = (settings.data_dir() / SECRET_FILE).read_bytes().strip()
+    except OSError:
+        return None
+    return data or None
+
+
+def _ttl(text: str) -> float:
+    try:
+        return tokens.parse_duration(text)
+    except ValueError as exc:
+        raise errors.ConfigError(f"--ttl: {exc}") from None
+
+
+def create(args: argparse.Namespace, settings: config_settings.Settings, token: str | None) -> int:
+    ttl = _ttl(args.ttl)
+    subject = args.subject or ("admin" if args.role == "admin" else None)
+    if subject is None:
+        raise errors.ConfigError("--subject is required for a non-admin token (who is it for?)")
+    secret = _local_secret(settings)
+    if secret is not None:
+        try:
+            signed, claims = tokens.sign(
+                tokens.signing_key(secret),
+                subject=subject,
+                role=args.role,
+                ttl=ttl,
+                now=time.time(),
+            )
+        except errors.ValidationError as exc:
+            raise errors.ConfigError(str(exc)) from None
+        body = {"token": signed, "id": claims.jti, "subject": claims.sub, "role": claims.role,
+                "expires_at": claims.exp, "signed": "locally with the cluster key"}  # fmt: skip
+    else:
+        if token is None:
+            raise errors.ConfigError(
+                "no cluster key and no admin token: pass --secret-key-file (signs locally) or "
+                "--token with an admin token (asks the dispatcher)"
+            )
+        try:
+            body = Client(settings.api.api_url, token=token).call(
+                "POST", "/api/v1/tokens", {"role": args.role, "subject": subject, "ttl": ttl}
+            )
+        except APIError as exc:
+            print(f"error: {exc} (HTTP {exc.status})", file=sys.stderr)
+            return 2 if exc.status == 400 else 1
+    if args.json:
+        json.dump(body, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(body["token"])
+        print(f"token {body['id']} for {body['subject']} ({body['role']})", file=sys.stderr)
+    return 0
+
+
+def revoke(args: argparse.Namespace, settings: config_settings.Settings, token: str | None) -> int:
+    try:
+        body = Client(settings.api.api_url, token=token).call(
+            "DELETE", f"/api/v1/tokens/{args.token_id}"
+        )
+    except APIError as exc:
+        print(f"error: {exc} (HTTP {exc.status})", file=sys.stderr)
+        return 2 if exc.status == 400 else 1
+    print(f"token {body['id']} {body['message']}")
+    return 0
