@@ -37,6 +37,7 @@ def build(dispatcher: Dispatcher, *, require_auth: bool = False) -> web.Applicat
     app.router.add_get("/api/v1/openapi.json", serve_openapi)
     app.router.add_post("/api/v1/tokens", routes.create_token)
     app.router.add_delete("/api/v1/tokens/{jti}", routes.revoke_token)
+    app.router.add_get("/api/v1/audit-logs", routes.audit_logs)
     app.router.add_get("/health", routes.health)
     app.router.add_get("/ready", routes.ready)
     return app

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import Mapping
@@ -13,7 +14,7 @@ from aiohttp import web
 from octaskly.api import middleware
 from octaskly.api.middleware import HTTPProblem, rfc3339
 from octaskly.domain import models
-from octaskly.services import tokens
+from octaskly.services import auditing, tokens
 from octaskly.services.dispatcher import Dispatcher
 
 DISPATCHER_KEY: web.AppKey[Dispatcher] = web.AppKey("dispatcher", Dispatcher)
@@ -155,6 +156,17 @@ def task_record(task: models.Task, waiting_reason: str | None = None) -> dict[st
     return record
 
 
+def _audit_submit(request: web.Request, ids: list[str]) -> None:
+    _dispatcher(request).audit.record(
+        "task_submitted",
+        action="submit",
+        actor=request[middleware.PRINCIPAL_KEY].subject,
+        task_id=ids[0] if len(ids) == 1 else None,
+        details={"count": len(ids)} if len(ids) == 1 else {"count": len(ids), "task_ids": ids},
+        source_ip=request.remote,
+    )
+
+
 # -- handlers ---------------------------------------------------------------------------------
 async def submit(request: web.Request) -> web.Response:
     middleware.require(request, TASKS, "submit tasks")
@@ -167,6 +179,8 @@ async def submit(request: web.Request) -> web.Response:
         request_id=request[middleware.REQUEST_ID_KEY],
     )
     task = tasks[0]
+    if created:
+        _audit_submit(request, [task.id])
     body = {
         "id": task.id,
         "command": task.command,
@@ -193,6 +207,8 @@ async def submit_batch(request: web.Request) -> web.Response:
         idempotency_key=_idempotency_key(request),
         request_id=request[middleware.REQUEST_ID_KEY],
     )
+    if created:
+        _audit_submit(request, [t.id for t in tasks])
     return _json(
         {"ids": [t.id for t in tasks]}, 201, {"Idempotent-Replayed": "false" if created else "true"}
     )
@@ -240,6 +256,13 @@ async def cancel_task(request: web.Request) -> web.Response:
     middleware.require(request, TASKS, "cancel tasks")
     _check_query(request, set())
     task = await _dispatcher(request).cancel(_task_id(request), owner=_owner(request))
+    _dispatcher(request).audit.record(
+        "task_cancelled",
+        action="cancel",
+        actor=request[middleware.PRINCIPAL_KEY].subject,
+        task_id=task.id,
+        source_ip=request.remote,
+    )
     return _json(
         {
             "id": task.id,
@@ -379,3 +402,24 @@ async def revoke_token(request: web.Request) -> web.Response:
         source_ip=request.remote,
     )
     return _json({"id": jti, "revoked": True, "message": "revoked" if changed else "was revoked"})
+
+
+async def audit_logs(request: web.Request) -> web.Response:
+    middleware.require(request, ADMIN, "read the audit log")
+    _check_query(request, {"limit", "offset", "event_type"})
+    limit = _int_param(request, "limit", 100, 1, 1000)
+    offset = _int_param(request, "offset", 0, 0, 1 << 62)
+    event_type = request.query.get("event_type")
+    if event_type is not None and not re.fullmatch(r"[a-z_]{1,64}", event_type):
+        raise HTTPProblem(400, "event_type: lower-case letters and _", field="event_type")
+    dispatcher = _dispatcher(request)
+    path = dispatcher.options.audit_path
+    if path is None:
+        return _json({"entries": [], "total": 0, "returned": 0, "limit": limit,
+                      "offset": offset, "enabled": False})  # fmt: skip
+    dispatcher.audit.flush()
+    entries, total = await asyncio.to_thread(
+        auditing.read_entries, path, limit=limit, offset=offset, event_type=event_type
+    )
+    return _json({"entries": entries, "total": total, "returned": len(entries), "limit": limit,
+                  "offset": offset, "enabled": True})  # fmt: skip

@@ -176,6 +176,18 @@ def build_parser() -> argparse.ArgumentParser:
     loading.add_flags(t, CLIENT_KEYS)
     t.set_defaults(kind="token", token_command="revoke")
 
+    p = sub.add_parser("audit", help="Check the audit log")
+    asub = p.add_subparsers(dest="audit_command", metavar="ACTION", parser_class=_Parser)
+    asub.required = True
+    a = asub.add_parser(
+        "verify",
+        help="Verify the audit log's hash chain: exit 0 if intact, 1 naming every broken line",
+    )
+    a.add_argument("--file", help="audit log to check (default <data dir>/logs/audit.log)")
+    _with_config(a)
+    loading.add_flags(a, ["data_dir", "db_path", "secret_key", "secret_key_file", *COMMON_KEYS])
+    a.set_defaults(kind="audit-verify")
+
     p = sub.add_parser("config", help="Write, show or check configuration")
     csub = p.add_subparsers(dest="config_command", metavar="ACTION", parser_class=_Parser)
     csub.required = True
@@ -224,9 +236,36 @@ def _config_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit_verify(args: argparse.Namespace) -> int:
+    from octaskly.cli import tokens_cmd
+    from octaskly.services import auditing
+
+    settings = _load(args).settings
+    path = Path(args.file) if args.file else settings.data_dir() / auditing.FILE
+    secret = tokens_cmd.local_secret(settings)
+    if secret is None:
+        raise errors.ConfigError(
+            "the audit log is keyed with the cluster secret: pass --secret-key-file PATH"
+        )
+    if not path.is_file():
+        raise errors.ConfigError(f"no audit log at {path}")
+    verdict = auditing.verify(path, secret)
+    for problem in verdict.problems:
+        print(f"{path}: {problem}")
+    if verdict.ok:
+        print(
+            f"{path}: OK, {verdict.entries} entries, chain intact "
+            f"(seq {verdict.first_seq}..{verdict.last_seq})"
+        )
+        return 0
+    return 1
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.kind.startswith("config-"):
         return _config_command(args)
+    if args.kind == "audit-verify":
+        return _audit_verify(args)
     if args.kind in ("client", "token"):
         from octaskly.cli import tokens_cmd
 

@@ -84,6 +84,7 @@ def dispatcher_options(settings: config_settings.Settings, secret: bytes) -> dis
         audit_path=(
             settings.data_dir() / auditing.FILE if settings.security.audit_logging else None
         ),
+        audit_retention_days=settings.storage.log_retention_days,
     )
 
 
@@ -276,11 +277,11 @@ def worker_options(settings: config_settings.Settings) -> working.Options:
         gpu=w.gpu if w.gpu is not None else Path("/dev/nvidia0").exists(),
         labels=dict(w.labels),
     )
-    if w.sandbox_level.rank > models.SandboxLevel.BASIC.rank:
-        raise errors.ConfigError(
-            f"sandbox_level = {w.sandbox_level.value} is not supported by "
-            "this version yet (none and basic are)"
-        )
+    workdir_root = w.work_dir or Path(tempfile.gettempdir())
+    problem = working.sandbox_problem(w.sandbox_level, workdir_root)
+    if problem is not None:
+        raise errors.ConfigError(f"sandbox_level = {w.sandbox_level.value}: {problem}")
+    key_file = settings.security.secret_key_file
     return working.Options(
         name=w.name or socket.gethostname(),
         dispatcher_addrs=addrs,
@@ -289,9 +290,10 @@ def worker_options(settings: config_settings.Settings) -> working.Options:
         max_jobs=w.max_jobs or cpus,
         sandbox_level=w.sandbox_level,
         output_limit=w.output_limit_kb * 1024,
-        workdir_root=w.work_dir or Path(tempfile.gettempdir()),
+        workdir_root=workdir_root,
         connect_timeout=settings.performance.connection_timeout,
         transport=w.transport,
+        sandbox_hide=(settings.data_dir(), *([key_file] if key_file is not None else [])),
     )
 
 

@@ -50,7 +50,7 @@ def write_private(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _local_secret(settings: config_settings.Settings) -> bytes | None:
+def local_secret(settings: config_settings.Settings) -> bytes | None:
     secret = settings.secret_bytes()
     if secret is not None:
         return secret
@@ -73,7 +73,7 @@ def create(args: argparse.Namespace, settings: config_settings.Settings, token: 
     subject = args.subject or ("admin" if args.role == "admin" else None)
     if subject is None:
         raise errors.ConfigError("--subject is required for a non-admin token (who is it for?)")
-    secret = _local_secret(settings)
+    secret = local_secret(settings)
     if secret is not None:
         try:
             signed, claims = tokens.sign(

@@ -176,7 +176,7 @@ class StorageSettings(_Table):
         default="daily", description="Backup schedule: hourly, daily, weekly, <N>h or <N>m"
     )
     log_retention_days: int = Field(
-        default=30, ge=1, le=3650, description="Days to keep finished tasks' logs"
+        default=30, ge=1, le=3650, description="Days to keep audit log entries"
     )
     sqlite_synchronous: Literal["full", "normal"] = Field(
         default="full",

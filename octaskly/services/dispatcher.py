@@ -47,6 +47,8 @@ class Options:
     role: str = "primary"
     audit_path: Path | None = None
     """Where the audit log goes (`<data dir>/logs/audit.log`); None: audit logging off."""
+    audit_retention_days: int | None = None
+    """Prune audit entries older than this (checked at start and hourly); None: keep all."""
 
 
 @dataclasses.dataclass(slots=True)
@@ -77,7 +79,7 @@ class Dispatcher:
         self.runs: dict[str, Run] = {}
         self.outputs: dict[str, live.LiveOutput] = {}
         self.watchers = live.Watchers()
-        self.audit = auditing.AuditLog(options.audit_path)
+        self.audit = auditing.AuditLog(options.audit_path, options.secret_key)
         self.tokens = tokens.Tokens(options.secret_key, store, clock)
         self.peers = peering.Peers(self)
         self.queued_count = 0
@@ -100,7 +102,18 @@ class Dispatcher:
         self.queued_count = counts[QUEUED] + counts[RUNNING]
         self._spawn(self._schedule_forever(), "scheduler")
         self._spawn(self.peers.reap_forever(), "heartbeat-reaper")
+        if self.options.audit_path is not None and self.options.audit_retention_days:
+            self._spawn(self._prune_audit_forever(), "audit-retention")
         self.wake()
+
+    async def _prune_audit_forever(self) -> None:
+        days = self.options.audit_retention_days
+        assert days
+        while True:
+            pruned = self.audit.prune(self.clock() - days * 86400)
+            if pruned:
+                log.info("audit log: pruned %d entries older than %d days", pruned, days)
+            await asyncio.sleep(3600)
 
     def _spawn(self, coro: Any, name: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=f"octaskly-{name}")
@@ -420,6 +433,13 @@ class Dispatcher:
                 )
             )
             self.peers.send_assign(a.worker_id, task, attempt)
+            self.audit.record(
+                "task_started",
+                action="assign",
+                actor=a.worker_id,
+                task_id=a.task_id,
+                details={"attempt": attempt},
+            )
         # The workers already have their tasks; the running marks share one commit, and
         # watchers hear of the change only once a reader would see it.
         await self.store.apply(updates)
@@ -450,7 +470,9 @@ class Dispatcher:
         if run is None or run.worker_id != worker_id or run.attempt != result.attempt:
             return await self._on_late_result(worker_id, result)
         self._end_run(run)
-        return await self._record_result(run.ref, result, RUNNING, run.retry_count, run.lost_count)
+        return await self._record_result(
+            run.ref, result, RUNNING, run.retry_count, run.lost_count, reporter=worker_id
+        )
 
     async def _on_late_result(self, worker_id: str, result: Any) -> bool:
         """A result for a run we had re-queued but not yet restarted is still good work."""
@@ -471,7 +493,13 @@ class Dispatcher:
         ref = self.queue.remove(task.id) or _candidate(task)
         self.queued_count -= 1
         ok = await self._record_result(
-            ref, result, QUEUED, task.spec.retry_count, task.lost_count, worker_id=worker_id
+            ref,
+            result,
+            QUEUED,
+            task.spec.retry_count,
+            task.lost_count,
+            worker_id=worker_id,
+            reporter=worker_id,
         )
         if not ok:
             self.queued_count += 1
@@ -486,6 +514,8 @@ class Dispatcher:
         retry_count: int,
         lost_count: int,
         worker_id: str | None = None,
+        *,
+        reporter: str,
     ) -> bool:
         now = self.clock()
         outcome = scheduling.after_run(
@@ -519,6 +549,19 @@ class Dispatcher:
             self.queued_count += 1
             self.queue.requeue(ref, not_before=outcome.not_before)
             self._arm_due_timer(self.queue.release_due(now))
+        if applied:
+            self.audit.record(
+                "task_finished",
+                action="finish",
+                actor=reporter,
+                task_id=result.task_id,
+                details={
+                    "attempt": result.attempt,
+                    "status": models.TaskStatus(result.status).value,
+                    "exit_code": result.exit_code,
+                    "next": outcome.status.value,
+                },
+            )
         self.watchers.notify(result.task_id)
         return applied
 

@@ -311,3 +311,34 @@ def test_token_commands_sign_locally_use_and_revoke(tmp_path: Path) -> None:
         bad = run(["token", "create", "--role", "client"], cwd=tmp_path, env=bare)
         assert bad.returncode == 2 and "--subject" in bad.stderr
         assert procs.stop(ps[0]) == 0
+
+
+def test_audit_verify_detects_an_edited_line(tmp_path: Path) -> None:
+    port, api_port = free_port(), free_port()
+    api = f"http://127.0.0.1:{api_port}"
+    data = tmp_path / "data"
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(SECRET + "\n")
+    secret_file.chmod(0o600)
+    flags = ["--port", str(port), "--api-port", str(api_port), "--bind", "127.0.0.1"]
+    flags += ["--data-dir", str(data), "--secret-key-file", str(secret_file)]
+    with procs.processes() as ps:
+        ps.append(start(["dispatcher", *flags], cwd=tmp_path))
+        wait_healthy(api, ps[0], data_dir=data)
+        for _ in range(3):
+            assert http("POST", f"{api}/api/v1/tasks", {"command": "true"})[0] == 201
+        assert http("GET", f"{api}/api/v1/tasks", token="forged.token.here")[0] == 401
+        assert procs.stop(ps[0]) == 0
+    verify = ["audit", "verify", "--data-dir", str(data), "--secret-key-file", str(secret_file)]
+    good = run(verify, cwd=tmp_path)
+    assert good.returncode == 0 and "OK" in good.stdout, good.stdout + good.stderr
+    log = data / "logs" / "audit.log"
+    entries = log.read_text().splitlines()
+    edited = json.loads(entries[1])
+    edited["actor"] = "somebody-else"
+    entries[1] = json.dumps(edited, separators=(",", ":"))
+    log.write_text("\n".join(entries) + "\n")
+    bad = run(verify, cwd=tmp_path)
+    assert bad.returncode == 1 and "line 2" in bad.stdout and "hash mismatch" in bad.stdout
+    no_key = run(["audit", "verify", "--data-dir", str(data)], cwd=tmp_path, env=clean_env())
+    assert no_key.returncode == 2 and "secret" in no_key.stderr

@@ -182,3 +182,26 @@ async def test_revoking_a_bad_token_id_is_400(cluster: Cluster) -> None:
     for bad in ("x" * 65, "semi;colon", "%00"):
         status, _ = await call(cluster, "DELETE", f"/api/v1/tokens/{bad}", admin)
         assert status in (400, 404)
+
+
+async def test_audit_log_endpoint_is_admin_only_and_records_task_events(cluster: Cluster) -> None:
+    admin = await token(cluster, "admin", "root")
+    alice = await token(cluster, "client", "alice")
+    status, task = await call(cluster, "POST", "/api/v1/tasks", alice, json={"command": "true"})
+    assert status == 201
+    assert (await call(cluster, "DELETE", f"/api/v1/tasks/{task['id']}", alice))[0] == 200
+    assert (await call(cluster, "GET", "/api/v1/audit-logs", alice))[0] == 403
+    status, page = await call(cluster, "GET", "/api/v1/audit-logs?limit=50", admin)
+    assert status == 200 and page["enabled"] is True
+    by_kind = {e["event_type"]: e for e in page["entries"]}
+    assert by_kind["task_submitted"]["actor"] == "alice"
+    assert by_kind["task_submitted"]["task_id"] == task["id"]
+    assert by_kind["task_cancelled"]["source_ip"] == "127.0.0.1"
+    assert by_kind["access_denied"]["actor"] == "alice"
+    seqs = [e["seq"] for e in page["entries"]]
+    assert seqs == sorted(seqs, reverse=True), "newest first"
+    status, only = await call(cluster, "GET", "/api/v1/audit-logs?event_type=task_cancelled", admin)
+    assert status == 200 and [e["event_type"] for e in only["entries"]] == ["task_cancelled"]
+    for query in ("limit=0", "limit=abc", "offset=-1", "event_type=DROP%20TABLE", "bogus=1"):
+        status, _ = await call(cluster, "GET", f"/api/v1/audit-logs?{query}", admin)
+        assert status == 400, query
