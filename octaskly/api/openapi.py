@@ -263,6 +263,84 @@ def document() -> dict[str, Any]:
                     "responses": {"200": _resp("statistics", obj), **_ERRORS},
                 }
             },
+            "/api/v1/tokens": {
+                "post": {
+                    "summary": "Issue a token (admin)",
+                    "requestBody": {
+                        "required": True,
+                        "content": _json_content(
+                            {
+                                "type": "object",
+                                "required": ["role"],
+                                "additionalProperties": False,
+                                "properties": {
+                                    "role": {
+                                        "type": "string",
+                                        "enum": ["admin", "dispatcher", "worker", "client"],
+                                    },
+                                    "subject": {"type": "string", "minLength": 1, "maxLength": 128},
+                                    "ttl": {
+                                        "oneOf": [
+                                            {
+                                                "type": "integer",
+                                                "minimum": 60,
+                                                "maximum": 366 * 86400,
+                                            },
+                                            {
+                                                "type": "string",
+                                                "pattern": "^\\s*[0-9]{1,9}\\s*[smhd]?\\s*$",
+                                            },
+                                        ]
+                                    },
+                                },
+                            }
+                        ),
+                    },
+                    "responses": {
+                        "201": _resp(
+                            "the token (shown once) and its id, subject, role and expiry", obj
+                        ),
+                        **_ERRORS,
+                    },
+                }
+            },
+            "/api/v1/tokens/{jti}": {
+                "delete": {
+                    "summary": "Revoke a token by id (admin); the revocation is durable",
+                    "parameters": [
+                        {
+                            "name": "jti",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string", "pattern": "^[A-Za-z0-9]{1,64}$"},
+                        }
+                    ],
+                    "responses": {"200": _resp("revoked", obj), **_ERRORS},
+                }
+            },
+            "/api/v1/audit-logs": {
+                "get": {
+                    "summary": "Audit log entries, newest first (admin)",
+                    "parameters": [
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+                        },
+                        {
+                            "name": "offset",
+                            "in": "query",
+                            "schema": {"type": "integer", "minimum": 0},
+                        },
+                        {
+                            "name": "event_type",
+                            "in": "query",
+                            "schema": {"type": "string", "pattern": "^[a-z_]{1,64}$"},
+                        },
+                    ],
+                    "responses": {"200": _resp("a page of entries", obj), **_ERRORS},
+                }
+            },
             "/api/v1/openapi.json": {
                 "get": {"summary": "This document", "responses": {"200": _resp("OpenAPI 3.1", obj)}}
             },

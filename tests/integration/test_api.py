@@ -215,3 +215,20 @@ async def test_health_503_when_database_unusable(cluster: Cluster) -> None:
     assert status == 503 and body["status"] == "unhealthy" and body["message"]
     status, _ = await cluster.api("GET", "/ready")
     assert status == 503
+
+
+async def test_every_route_is_in_the_openapi_document(cluster: Cluster) -> None:
+    status, doc = await cluster.api("GET", "/api/v1/openapi.json")
+    assert status == 200
+    served = {
+        (route.resource.canonical, route.method.lower())
+        for route in cluster.runner.app.router.routes()
+        if route.resource is not None and route.method != "HEAD"
+    }
+    documented = {
+        (path, method)
+        for path, ops in doc["paths"].items()
+        for method in ops
+        if method != "parameters"
+    }
+    assert served == documented
