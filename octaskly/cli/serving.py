@@ -10,6 +10,7 @@ import os
 import secrets
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -125,11 +126,26 @@ def _refuse_unavailable(settings: config_settings.Settings) -> None:
     unavailable = {
         "db_url (PostgreSQL)": settings.storage.db_url is not None,
         "role = standby": settings.dispatcher.role == "standby",
-        "tls_cert/tls_key (HTTPS API)": settings.api.tls_cert is not None,
     }
     for what, requested in unavailable.items():
         if requested:
             raise errors.ConfigError(f"{what} is not supported by this version of octaskly yet")
+
+
+def api_tls_context(settings: config_settings.Settings) -> ssl.SSLContext | None:
+    """HTTPS for the API with `tls_cert`/`tls_key`; None for plain HTTP."""
+    api = settings.api
+    if api.tls_cert is None or api.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(api.tls_cert, api.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise errors.ConfigError(
+            f"tls_cert/tls_key ({api.tls_cert}, {api.tls_key}): cannot load: {exc}"
+        ) from None
+    return context
 
 
 ADMIN_TOKEN_TTL = 365 * 24 * 3600
@@ -158,16 +174,14 @@ async def ensure_admin_token(dispatcher: dispatching.Dispatcher, data_dir: Path)
     log.info("wrote the local admin token to %s (mode 0600)", path)
 
 
-async def start_dispatcher(settings: config_settings.Settings) -> RunningDispatcher:
-    _refuse_unavailable(settings)
-    data_dir = settings.data_dir()
-    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    secret = ensure_secret(settings, data_dir)
-    identity = tls.load_or_create(data_dir / TLS_DIR)
-    db_path = settings.db_file()
-    store = sqlite.SQLiteStore(db_path, synchronous=settings.storage.sqlite_synchronous)
-    dispatcher = dispatching.Dispatcher(options=dispatcher_options(settings, secret), store=store)
-    await dispatcher.start()
+async def _serve(
+    settings: config_settings.Settings,
+    dispatcher: dispatching.Dispatcher,
+    identity: tls.Identity,
+    api_tls: ssl.SSLContext | None,
+    data_dir: Path,
+) -> tuple[p2p.Listener, web.AppRunner]:
+    """The P2P listener and the API site of a started dispatcher."""
     net = settings.network
     try:
         listener = await p2p.listen(
@@ -178,32 +192,59 @@ async def start_dispatcher(settings: config_settings.Settings) -> RunningDispatc
             quic_enabled=net.quic_enabled,
         )
     except OSError as exc:
-        await dispatcher.stop()
         raise errors.ConfigError(
             f"cannot listen on {net.bind_address}:{net.port} (P2P, TCP"
             f"{' and UDP' if net.quic_enabled else ''}): {exc.strerror or exc}"
         ) from None
-    if settings.security.require_auth:
-        await ensure_admin_token(dispatcher, data_dir)
-    app = api_app.build(dispatcher, require_auth=settings.security.require_auth)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, net.bind_address, net.api_port, reuse_address=True)
+    runner: web.AppRunner | None = None
     try:
-        await site.start()
-    except OSError as exc:
+        if settings.security.require_auth:
+            await ensure_admin_token(dispatcher, data_dir)
+        app = api_app.build(dispatcher, require_auth=settings.security.require_auth)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(
+            runner, net.bind_address, net.api_port, reuse_address=True, ssl_context=api_tls
+        )
+        try:
+            await site.start()
+        except OSError as exc:
+            raise errors.ConfigError(
+                f"cannot listen on {net.bind_address}:{net.api_port} (API): {exc.strerror or exc}"
+            ) from None
+    except BaseException:
         listener.close()
-        await dispatcher.stop()
-        await runner.cleanup()
-        raise errors.ConfigError(
-            f"cannot listen on {net.bind_address}:{net.api_port} (API): {exc.strerror or exc}"
-        ) from None
+        await listener.wait_closed()
+        if runner is not None:
+            await runner.cleanup()
+        raise
+    return listener, runner
+
+
+async def start_dispatcher(settings: config_settings.Settings) -> RunningDispatcher:
+    _refuse_unavailable(settings)
+    api_tls = api_tls_context(settings)  # before anything starts: bad files fail fast
+    data_dir = settings.data_dir()
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    secret = ensure_secret(settings, data_dir)
+    identity = tls.load_or_create(data_dir / TLS_DIR)
+    db_path = settings.db_file()
+    store = sqlite.SQLiteStore(db_path, synchronous=settings.storage.sqlite_synchronous)
+    dispatcher = dispatching.Dispatcher(options=dispatcher_options(settings, secret), store=store)
+    await dispatcher.start()
+    net = settings.network
+    try:
+        listener, runner = await _serve(settings, dispatcher, identity, api_tls, data_dir)
+    except BaseException:
+        await dispatcher.stop()  # its writer thread would keep the process alive
+        raise
     api_port = runner.addresses[0][1] if runner.addresses else net.api_port
     log.info(
-        "dispatcher ready: P2P %s:%d (TLS over TCP%s), API http://%s:%d, database %s",
+        "dispatcher ready: P2P %s:%d (TLS over TCP%s), API %s://%s:%d, database %s",
         net.bind_address,
         listener.port,
         ", QUIC over UDP" if listener.quic is not None else "; QUIC disabled",
+        "https" if settings.api.tls_cert is not None else "http",
         net.bind_address,
         api_port,
         db_path,

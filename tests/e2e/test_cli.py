@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import signal
+import ssl
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -174,8 +177,8 @@ def test_bad_config_exits_2_naming_key_file_and_line(
         ["frobnicate"],
         ["worker", "--label", "novalue"],
         ["list", "--status", "weird"],
-        ["worker", "--sandbox-level", "strict"],
-        ["worker", "--transport", "quic"],
+        ["worker", "--sandbox-level", "paranoid"],
+        ["worker", "--transport", "carrier-pigeon"],
         ["dispatcher", "--role", "standby", "--primary-addr", "127.0.0.1:1"],
     ],
 )
@@ -342,3 +345,44 @@ def test_audit_verify_detects_an_edited_line(tmp_path: Path) -> None:
     assert bad.returncode == 1 and "line 2" in bad.stdout and "hash mismatch" in bad.stdout
     no_key = run(["audit", "verify", "--data-dir", str(data)], cwd=tmp_path, env=clean_env())
     assert no_key.returncode == 2 and "secret" in no_key.stderr
+
+
+def test_https_api_with_tls_cert_and_key(tmp_path: Path) -> None:
+    from octaskly.transport import tls
+
+    # any PEM pair will do; the TLS identity code makes one for "octaskly-dispatcher"
+    identity = tls.load_or_create(tmp_path / "certs")
+    port, api_port = free_port(), free_port()
+    data = tmp_path / "data"
+    flags = ["--port", str(port), "--api-port", str(api_port), "--bind", "127.0.0.1"]
+    flags += ["--data-dir", str(data), "--secret-key", SECRET]
+    flags += ["--tls-cert", str(identity.cert_path), "--tls-key", str(identity.key_path)]
+    with procs.processes() as ps:
+        ps.append(start(["dispatcher", *flags], cwd=tmp_path))
+        context = ssl.create_default_context(cafile=str(identity.cert_path))
+        context.check_hostname = False  # the certificate names octaskly-dispatcher
+
+        def healthy() -> bool:
+            try:
+                with urllib.request.urlopen(
+                    f"https://127.0.0.1:{api_port}/health", context=context, timeout=2
+                ) as response:
+                    return response.status == 200
+            except OSError:
+                return False
+
+        wait_for(healthy, what="the HTTPS API")
+        with pytest.raises((urllib.error.URLError, ConnectionError)):  # no plain HTTP
+            urllib.request.urlopen(f"http://127.0.0.1:{api_port}/health", timeout=2)
+        env = clean_env(SSL_CERT_FILE=str(identity.cert_path))
+        client = ["--api-url", f"https://octaskly-dispatcher:{api_port}", "--data-dir", str(data)]
+        # the client verifies the certificate against SSL_CERT_FILE; the host name must
+        # match it, so this one fails clearly rather than silently trusting
+        denied = run(["stats", *client], cwd=tmp_path, env=env)
+        assert denied.returncode == 1 and "cannot reach" in denied.stderr
+        assert procs.stop(ps[0]) == 0
+    bad = run(
+        ["dispatcher", "--tls-cert", str(tmp_path / "nope.pem"), "--tls-key", str(tmp_path / "k")],
+        cwd=tmp_path,
+    )
+    assert bad.returncode == 2 and "tls_cert" in bad.stderr
