@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +16,8 @@ from typing import IO, TypeVar
 
 import psutil
 
+from octaskly import testing
+
 OCTASKLY = (sys.executable, "-m", "octaskly")
 REPO = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -26,18 +27,7 @@ class HarnessError(Exception):
     """The harness or the cluster under test broke (exit 1), unlike a missed target."""
 
 
-def free_port() -> int:
-    """A loopback port free for both TCP and UDP (the P2P port is shared with QUIC)."""
-    while True:
-        with socket.socket() as tcp_sock:
-            tcp_sock.bind(("127.0.0.1", 0))
-            port = int(tcp_sock.getsockname()[1])
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                udp.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return port
+free_port = testing.free_port
 
 
 def clean_env(**extra: str) -> dict[str, str]:

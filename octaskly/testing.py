@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import socket
 import time
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -238,3 +239,17 @@ def _expected(task: models.Task, update: base.TaskUpdate) -> bool:
     if expected is not None and task.status not in expected:
         return False
     return update.expect_attempts is None or task.attempts == update.expect_attempts
+
+
+def free_port() -> int:
+    """A loopback port free for both TCP and UDP (the P2P port is shared with QUIC)."""
+    while True:
+        with socket.socket() as tcp_sock:
+            tcp_sock.bind(("127.0.0.1", 0))
+            port = int(tcp_sock.getsockname()[1])
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                udp.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return port

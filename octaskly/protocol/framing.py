@@ -7,8 +7,10 @@ messages; anything malformed raises ProtocolError and the connection is dropped.
 
 from __future__ import annotations
 
+import collections
 import json
 import struct
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from octaskly import errors
@@ -60,3 +62,25 @@ class FrameDecoder:
     def buffered(self) -> int:
         """Bytes received but not yet part of a whole frame."""
         return len(self._buffer)
+
+
+class FrameReader:
+    """Whole messages from a byte stream: `read(n)` returns up to n bytes, b"" at its end."""
+
+    def __init__(self, read: Callable[[int], Awaitable[bytes]], *, chunk: int = 256 * 1024):
+        self._read = read
+        self._chunk = chunk
+        self._decoder = FrameDecoder()
+        self._pending: collections.deque[dict[str, Any]] = collections.deque()
+
+    async def next(self) -> dict[str, Any] | None:
+        """The next message; None at a clean end; ConnectionError mid-frame; ProtocolError
+        for a malformed frame."""
+        while not self._pending:
+            data = await self._read(self._chunk)
+            if not data:
+                if self._decoder.buffered:
+                    raise ConnectionError("connection closed in the middle of a frame")
+                return None
+            self._pending.extend(self._decoder.feed(data))
+        return self._pending.popleft()

@@ -29,7 +29,6 @@ from octaskly.protocol import framing
 from octaskly.transport import base, tls
 
 log = logging.getLogger(__name__)
-_READ_CHUNK = 256 * 1024
 IDLE_TIMEOUT = 30.0
 # A QUIC stream exists for the peer only once data arrives on it, and the dispatcher
 # speaks first: the worker opens its stream with these bytes, which the transport eats.
@@ -62,8 +61,7 @@ class QUICConnection:
         self._reader = reader
         self._writer = writer
         self._protocol = protocol
-        self._decoder = framing.FrameDecoder()
-        self._pending: list[dict[str, Any]] = []
+        self._frames = framing.FrameReader(reader.read)
         self._peer = peer
         self._closed = False
         self._closing: asyncio.Future[None] | None = None
@@ -99,14 +97,7 @@ class QUICConnection:
             if got != self._preamble:
                 raise errors.ProtocolError("the QUIC stream does not start with the preamble")
             self._preamble = b""
-        while not self._pending:
-            data = await self._reader.read(_READ_CHUNK)
-            if not data:
-                if self._decoder.buffered:
-                    raise ConnectionError("connection closed in the middle of a frame")
-                return None
-            self._pending.extend(self._decoder.feed(data))
-        return self._pending.pop(0)
+        return await self._frames.next()
 
     def close(self) -> None:
         """End the stream, then the connection once the peer has acknowledged everything

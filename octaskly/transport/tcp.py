@@ -12,7 +12,6 @@ from octaskly.protocol import framing
 from octaskly.transport import base, tls
 
 log = logging.getLogger(__name__)
-_READ_CHUNK = 256 * 1024
 
 
 def _format_peer(info: Any) -> str:
@@ -31,8 +30,7 @@ class TCPConnection:
         self._reader = reader
         self._writer = writer
         self.binding = binding
-        self._decoder = framing.FrameDecoder()
-        self._pending: list[dict[str, Any]] = []
+        self._frames = framing.FrameReader(reader.read)
         self._peer = _format_peer(writer.get_extra_info("peername"))
 
     @property
@@ -57,17 +55,10 @@ class TCPConnection:
         self._writer.write(framing.encode(message))
 
     async def recv(self) -> dict[str, Any] | None:
-        while not self._pending:
-            try:
-                data = await self._reader.read(_READ_CHUNK)
-            except ssl.SSLError as exc:  # a tampered, replayed or truncated record
-                raise ConnectionError(f"TLS: {exc.reason or exc}") from None
-            if not data:
-                if self._decoder.buffered:
-                    raise ConnectionError("connection closed in the middle of a frame")
-                return None
-            self._pending.extend(self._decoder.feed(data))
-        return self._pending.pop(0)
+        try:
+            return await self._frames.next()
+        except ssl.SSLError as exc:  # a tampered, replayed or truncated record
+            raise ConnectionError(f"TLS: {exc.reason or exc}") from None
 
     def close(self) -> None:
         self._writer.close()

@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,22 +16,13 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from octaskly import testing
+
 OCTASKLY = [sys.executable, "-m", "octaskly"]
 SECRET = "e2e-test-secret-key-0123456789"
 
 
-def free_port() -> int:
-    """A port free for both TCP and UDP (the P2P port is shared by TCP and QUIC)."""
-    while True:
-        with socket.socket() as tcp_sock:
-            tcp_sock.bind(("127.0.0.1", 0))
-            port = int(tcp_sock.getsockname()[1])
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                udp.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return port
+free_port = testing.free_port
 
 
 def clean_env(**extra: str) -> dict[str, str]:

@@ -277,16 +277,21 @@ def test_kill_9_loses_no_acknowledged_task(tmp_path: Path) -> None:
         assert total == 42
 
 
-def test_token_commands_sign_locally_use_and_revoke(tmp_path: Path) -> None:
+def _keyed_dispatcher(tmp_path: Path) -> tuple[str, Path, Path, list[str]]:
+    """API URL, data dir, secret key file and flags of a dispatcher on free ports."""
     port, api_port = free_port(), free_port()
-    api = f"http://127.0.0.1:{api_port}"
     data = tmp_path / "data"
     secret_file = tmp_path / "secret"
     secret_file.write_text(SECRET + "\n")
     secret_file.chmod(0o600)
+    flags = ["--port", str(port), "--api-port", str(api_port), "--bind", "127.0.0.1"]
+    flags += ["--data-dir", str(data), "--secret-key-file", str(secret_file)]
+    return f"http://127.0.0.1:{api_port}", data, secret_file, flags
+
+
+def test_token_commands_sign_locally_use_and_revoke(tmp_path: Path) -> None:
+    api, data, secret_file, flags = _keyed_dispatcher(tmp_path)
     with procs.processes() as ps:
-        flags = ["--port", str(port), "--api-port", str(api_port), "--bind", "127.0.0.1"]
-        flags += ["--data-dir", str(data), "--secret-key-file", str(secret_file)]
         ps.append(start(["dispatcher", *flags], cwd=tmp_path))
         wait_healthy(api, ps[0], data_dir=data)
         assert (data / "admin.token").stat().st_mode & 0o777 == 0o600
@@ -317,14 +322,7 @@ def test_token_commands_sign_locally_use_and_revoke(tmp_path: Path) -> None:
 
 
 def test_audit_verify_detects_an_edited_line(tmp_path: Path) -> None:
-    port, api_port = free_port(), free_port()
-    api = f"http://127.0.0.1:{api_port}"
-    data = tmp_path / "data"
-    secret_file = tmp_path / "secret"
-    secret_file.write_text(SECRET + "\n")
-    secret_file.chmod(0o600)
-    flags = ["--port", str(port), "--api-port", str(api_port), "--bind", "127.0.0.1"]
-    flags += ["--data-dir", str(data), "--secret-key-file", str(secret_file)]
+    api, data, secret_file, flags = _keyed_dispatcher(tmp_path)
     with procs.processes() as ps:
         ps.append(start(["dispatcher", *flags], cwd=tmp_path))
         wait_healthy(api, ps[0], data_dir=data)

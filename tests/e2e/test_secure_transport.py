@@ -12,7 +12,6 @@ import signal
 import stat
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -187,19 +186,24 @@ def test_nothing_crosses_the_wire_in_clear_text(cluster: Cluster, transport: str
         assert clear.encode() not in captured, f"{clear!r} crossed the wire in clear text"
 
 
+def flip_one_byte_each_way(cluster: Cluster, relay: relays.Relay, transport: str) -> Path:
+    """Run a task while one byte going each way is flipped; its record must be exact."""
+    proc, log = cluster.worker("w1", transport=transport, port=relay.port)
+    cluster.wait_joined("w1", proc)
+    for flips, direction in enumerate(("to_dispatcher", "to_worker"), 1):
+        relay.flip_next(direction)  # the task's own frames are the next ones that way
+        task_id = cluster.submit(f"sleep 0.3; echo {MARK}")
+        record = cluster.wait_done(task_id, timeout=60)
+        assert (record["status"], record["stdout"]) == ("completed", f"{MARK}\n")
+        assert record["command"] == f"sleep 0.3; echo {MARK}"
+        procs.wait_for(lambda n=flips: relay.flipped == n, what=f"flip {direction}")
+    return log
+
+
 def test_a_flipped_byte_drops_the_tls_connection_and_corrupts_nothing(cluster: Cluster) -> None:
     cluster.start()
     with relays.running(relays.TCPRelay(cluster.port)) as relay:
-        proc, log = cluster.worker("w1", transport="tcp", port=relay.port)
-        cluster.wait_joined("w1", proc)
-        for direction in ("to_dispatcher", "to_worker"):
-            task_id = cluster.submit(f"sleep 0.3; echo {MARK}")
-            time.sleep(0.1)
-            relay.flip_next(direction)
-            record = cluster.wait_done(task_id, timeout=60)
-            assert (record["status"], record["stdout"]) == ("completed", f"{MARK}\n")
-            assert record["command"] == f"sleep 0.3; echo {MARK}"
-        assert relay.flipped == 2
+        log = flip_one_byte_each_way(cluster, relay, "tcp")
     text = cluster.log.read_text() + log.read_text()
     assert "TLS" in text, "the tampered record was detected by TLS"
     assert "left: " in cluster.log.read_text(), "the tampered connection was dropped"
@@ -209,15 +213,7 @@ def test_a_flipped_quic_datagram_is_discarded_and_corrupts_nothing(cluster: Clus
     """QUIC authenticates every datagram: a tampered one is dropped and sent again."""
     cluster.start()
     with relays.running(relays.UDPRelay(cluster.port)) as relay:
-        proc, _ = cluster.worker("w1", transport="quic", port=relay.port)
-        cluster.wait_joined("w1", proc)
-        for direction in ("to_dispatcher", "to_worker"):
-            task_id = cluster.submit(f"sleep 0.3; echo {MARK}")
-            time.sleep(0.1)
-            relay.flip_next(direction)
-            record = cluster.wait_done(task_id, timeout=60)
-            assert (record["status"], record["stdout"]) == ("completed", f"{MARK}\n")
-        assert relay.flipped == 2
+        flip_one_byte_each_way(cluster, relay, "quic")
 
 
 def test_wrong_key_and_whitelist_are_refused_audited_and_the_worker_exits(
