@@ -6,15 +6,25 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYZ    ?= dist/octaskly.pyz
 
-.PHONY: dev venv test lint typecheck unit pyz bench clean
+.PHONY: dev venv system-deps test lint typecheck unit pyz bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml | system-deps
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+## system-deps: bubblewrap (bwrap), which the strict sandbox levels and their tests need;
+## installed with apt-get only when it is missing and we are root (CI), else a warning
+system-deps:
+	@command -v bwrap >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap; \
+		else \
+			echo "warning: bubblewrap (bwrap) is missing: sudo apt-get install bubblewrap" >&2; \
+		fi; }
 
 ## dev: create the venv, install, and run a dispatcher + 2 workers (API on 127.0.0.1:3000)
 dev: $(STAMP)

@@ -5,6 +5,7 @@ Timestamps are float seconds since the epoch (UTC); the API renders them as RFC 
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import re
 import uuid
@@ -91,6 +92,83 @@ class _Strict(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
 
 
+class LimitsPreset(enum.StrEnum):
+    """Named sets of per-task limits (:data:`PRESETS`); a task's own limits override them."""
+
+    STRICT = "strict"
+    RELAXED = "relaxed"
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """A run's resource limits, all set: what :func:`effective_limits` resolves."""
+
+    cpu_seconds: int
+    memory_limit_mb: int
+    disk_limit_mb: int
+    open_files_limit: int
+    process_limit: int
+
+
+#: Bounds of the per-task limits (inclusive); the upper ones keep values the kernel takes.
+CPU_SECONDS_BOUNDS = (1, 86400)
+MEMORY_MB_BOUNDS = (64, 16 * 1024 * 1024)
+DISK_MB_BOUNDS = (100, 1024 * 1024 * 1024)
+OPEN_FILES_BOUNDS = (64, 1024 * 1024)  # the kernel's default fs.nr_open
+PROCESSES_BOUNDS = (4, 4 * 1024 * 1024)  # the largest pid_max
+#: The limits of a task that sets none and names no preset.
+DEFAULT_LIMITS = Limits(
+    cpu_seconds=3600,
+    memory_limit_mb=2048,
+    disk_limit_mb=10000,
+    open_files_limit=1024,
+    process_limit=256,
+)
+PRESETS: dict[LimitsPreset, Limits] = {
+    LimitsPreset.STRICT: Limits(
+        cpu_seconds=300,
+        memory_limit_mb=512,
+        disk_limit_mb=1000,
+        open_files_limit=100,
+        process_limit=10,
+    ),
+    LimitsPreset.RELAXED: Limits(
+        cpu_seconds=86400,
+        memory_limit_mb=8192,
+        disk_limit_mb=102400,
+        open_files_limit=4096,
+        process_limit=1024,
+    ),
+}
+_LIMIT_FIELDS = (
+    "cpu_seconds",
+    "memory_limit_mb",
+    "disk_limit_mb",
+    "open_files_limit",
+    "process_limit",
+)
+
+
+def effective_limits(
+    *,
+    preset: LimitsPreset | None = None,
+    cpu_seconds: int | None = None,
+    memory_limit_mb: int | None = None,
+    disk_limit_mb: int | None = None,
+    open_files_limit: int | None = None,
+    process_limit: int | None = None,
+) -> Limits:
+    """A run's limits: each one the task set, else its preset's, else the default."""
+    base = DEFAULT_LIMITS if preset is None else PRESETS[preset]
+    return Limits(
+        cpu_seconds=base.cpu_seconds if cpu_seconds is None else cpu_seconds,
+        memory_limit_mb=base.memory_limit_mb if memory_limit_mb is None else memory_limit_mb,
+        disk_limit_mb=base.disk_limit_mb if disk_limit_mb is None else disk_limit_mb,
+        open_files_limit=base.open_files_limit if open_files_limit is None else open_files_limit,
+        process_limit=base.process_limit if process_limit is None else process_limit,
+    )
+
+
 class Requirements(_Strict):
     """What a task needs from the worker that runs it."""
 
@@ -117,9 +195,22 @@ class TaskSpec(_Strict):
     timeout: int | None = pydantic.Field(default=None, ge=1, le=86400)
     priority: PriorityField = Priority.NORMAL
     retry_count: int = pydantic.Field(default=0, ge=0, le=10)
-    memory_limit_mb: int | None = pydantic.Field(default=None, ge=64, le=16 * 1024 * 1024)
-    cpu_seconds: int | None = pydantic.Field(default=None, ge=1, le=86400)
-    disk_limit_mb: int | None = pydantic.Field(default=None, ge=100, le=1024 * 1024 * 1024)
+    memory_limit_mb: int | None = pydantic.Field(
+        default=None, ge=MEMORY_MB_BOUNDS[0], le=MEMORY_MB_BOUNDS[1]
+    )
+    cpu_seconds: int | None = pydantic.Field(
+        default=None, ge=CPU_SECONDS_BOUNDS[0], le=CPU_SECONDS_BOUNDS[1]
+    )
+    disk_limit_mb: int | None = pydantic.Field(
+        default=None, ge=DISK_MB_BOUNDS[0], le=DISK_MB_BOUNDS[1]
+    )
+    open_files_limit: int | None = pydantic.Field(
+        default=None, ge=OPEN_FILES_BOUNDS[0], le=OPEN_FILES_BOUNDS[1]
+    )
+    process_limit: int | None = pydantic.Field(
+        default=None, ge=PROCESSES_BOUNDS[0], le=PROCESSES_BOUNDS[1]
+    )
+    limits_preset: LimitsPreset | None = None
     sandbox_level: SandboxLevel | None = None
     env: dict[str, str] = pydantic.Field(default_factory=dict, max_length=MAX_ENV_ENTRIES)
     inputs: list[str] = pydantic.Field(default_factory=list, max_length=MAX_PATHS)
@@ -136,6 +227,19 @@ class TaskSpec(_Strict):
         if len(value.encode("utf-8", "surrogatepass")) > MAX_COMMAND_BYTES:
             raise ValueError(f"command is longer than {MAX_COMMAND_BYTES} bytes")
         return value
+
+    @pydantic.field_validator(*_LIMIT_FIELDS, mode="before")
+    @classmethod
+    def _limit_is_a_number(cls, value: object) -> object:
+        if isinstance(value, bool):  # (lax mode would read true as 1)
+            raise ValueError("must be an integer, not a boolean")
+        return value
+
+    def limits(self) -> Limits:
+        """The limits a run of this task gets (its own, else its preset's, else defaults)."""
+        return effective_limits(
+            preset=self.limits_preset, **{name: getattr(self, name) for name in _LIMIT_FIELDS}
+        )
 
     @pydantic.field_validator("env")
     @classmethod

@@ -17,9 +17,10 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from octaskly.executing import tails, workdirs
+from octaskly.domain import models
+from octaskly.executing import sandboxing, tails, workdirs
 from octaskly.executing.workdirs import Workdirs
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ KILL_GRACE_SECONDS = 2.0
 DRAIN_SECONDS = 0.5
 #: Environment variables with this prefix (any case) are the worker's own and never
 #: reach a task: OCTASKLY_SECRET_KEY lives there.
-PRIVATE_ENV_PREFIX = "OCTASKLY_"
+PRIVATE_ENV_PREFIX = sandboxing.PRIVATE_ENV_PREFIX
 
 Status = Literal["completed", "failed", "timed_out", "cancelled"]
 OutputCallback = Callable[[str, bytes], None]
@@ -53,6 +54,29 @@ _LIMIT_SIGNALS: dict[int, tuple[int, str]] = {
     signal.SIGXFSZ: (resource.RLIMIT_FSIZE, "file size limit exceeded"),
 }
 _EXIT_HINTS = {126: "command not executable", 127: "command not found"}
+_MIB = 1024 * 1024
+# What programs print when a limit stops them (an rlimit breach is an error return, not a
+# signal): a failed run whose stderr ends with one of these names the limit, if it was set.
+_BREACHES: tuple[tuple[int, re.Pattern[str]], ...] = (
+    (
+        resource.RLIMIT_NPROC,
+        re.compile(
+            r"Cannot fork|can't fork|fork: retry|fork failed|BlockingIOError|"
+            r"Resource temporarily unavailable|unable to create (?:new )?native thread|"
+            r"pthread_create failed|can't start new thread"
+        ),
+    ),
+    (
+        resource.RLIMIT_AS,
+        re.compile(
+            r"MemoryError|Cannot allocate memory|[Oo]ut of memory|bad_alloc|memory exhausted|"
+            r"OutOfMemoryError|[Ff]ailed to allocate|allocation failed|[Cc]ould not allocate"
+        ),
+    ),
+    (resource.RLIMIT_NOFILE, re.compile(r"Too many open files")),
+    (resource.RLIMIT_FSIZE, re.compile(r"File too large")),
+)
+_BREACH_SCAN_CHARS = 4096
 # Fallback when util-linux's prlimit is missing: set the limits in a fresh interpreter,
 # then exec the shell (fork-safe, unlike preexec_fn, but ~20 ms slower per spawn).
 _SETRLIMIT_SHIM = (
@@ -71,9 +95,12 @@ _SETRLIMIT_SHIM = (
 class ExecRequest:
     """One attempt of one task: what to run, where, and within which limits.
 
-    ``env`` is applied on top of the worker's base environment; ``timeout`` is wall-clock
-    seconds; ``output_limit`` is how many bytes of the tail of each stream are kept;
-    ``rlimits`` maps ``resource.RLIMIT_*`` to ``(soft, hard)`` limits set in the child.
+    ``env`` is applied on top of the worker's base environment (what of it a task gets
+    depends on ``sandbox_level``, see :mod:`octaskly.executing.sandboxing`); ``timeout`` is
+    wall-clock seconds; ``output_limit`` is how many bytes of the tail of each stream are
+    kept; ``rlimits`` maps ``resource.RLIMIT_*`` to ``(soft, hard)`` limits set in the
+    child (inside the sandbox, from ``strict`` on); ``hidden`` are more paths a sandboxed
+    task must not see (the worker's data directory, its key file).
     """
 
     task_id: str
@@ -84,6 +111,8 @@ class ExecRequest:
     workdir_root: Path
     output_limit: int = 1 << 20
     rlimits: Mapping[int, tuple[int, int]] = dataclasses.field(default_factory=dict)
+    sandbox_level: models.SandboxLevel = models.SandboxLevel.NONE
+    hidden: tuple[Path, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.timeout > 0:
@@ -147,7 +176,10 @@ class Execution:
 
     @property
     def pid(self) -> int | None:
-        """The shell's pid (also its process group and session id) once it was spawned."""
+        """The pid of the shell (of bwrap, in a sandbox) once it was spawned.
+
+        It is also the run's process group and session id.
+        """
         return self._pid
 
     def cancel(self) -> None:
@@ -203,18 +235,27 @@ class Execution:
         request, loop = self.request, asyncio.get_running_loop()
         buffers = {name: tails.TailBuffer(request.output_limit) for name in _STREAMS.values()}
         protocol = _Protocol(loop, buffers, self._on_output, request.task_id)
-        env = _task_env(request, os.environ if self._base_env is None else self._base_env, workdir)
+        try:
+            launch = self._launch(workdir)
+        except (sandboxing.Unavailable, OSError) as exc:
+            return not_run("failed", f"could not start: {exc}")
+        switch_user: dict[str, Any] = {}
+        if launch.user is not None:
+            switch_user = {"user": launch.user, "group": launch.group, "extra_groups": []}
         started = time.monotonic()
         try:
             transport, _ = await loop.subprocess_exec(
                 lambda: protocol,
-                *_argv(request.command, request.rlimits),
+                *launch.argv,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 cwd=workdir,
-                env=env,
-                start_new_session=True,  # own session and group: killpg reaches every child
+                env=launch.env,
+                # Own session and group: killpg reaches every child. In a sandbox, bwrap
+                # stays in the group too, and its PID namespace dies with it.
+                start_new_session=True,
+                **switch_user,
             )
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
             return not_run("failed", f"could not start: {exc}")
@@ -234,6 +275,26 @@ class Execution:
         returncode = transport.get_returncode()
         assert returncode is not None  # _supervise returns only after the exit
         return self._result(stopped, returncode, duration_ms, buffers)
+
+    def _launch(self, workdir: Path) -> sandboxing.Launch:
+        request = self.request
+        level = request.sandbox_level
+        if sandboxing.is_sandboxed(level) and request.rlimits and _find_prlimit() is None:
+            # (the Python shim may not be visible inside the sandbox)
+            raise sandboxing.Unavailable("util-linux prlimit is not installed")
+        fsize = request.rlimits.get(resource.RLIMIT_FSIZE)
+        return sandboxing.prepare(
+            level,
+            command=_argv(request.command, request.rlimits),
+            base_env=os.environ if self._base_env is None else self._base_env,
+            env=request.env,
+            task_id=request.task_id,
+            attempt=request.attempt,
+            workdir=workdir,
+            workdir_root=request.workdir_root,
+            hidden=request.hidden,
+            tmp_size=None if fsize is None or fsize[0] == resource.RLIM_INFINITY else fsize[0],
+        )
 
     async def _supervise(self, pgid: int, protocol: _Protocol) -> Status | None:
         """Wait for the exit, the timeout or cancel(); returns why we stopped it, if we did."""
@@ -279,7 +340,7 @@ class Execution:
         elif returncode == 0:
             status, error = "completed", None
         else:
-            status, error = "failed", _describe_exit(returncode, self.request.rlimits)
+            status, error = "failed", _describe_exit(returncode, self.request, stderr)
         return ExecResult(
             status=status,
             exit_code=returncode if returncode >= 0 else 128 - returncode,
@@ -353,15 +414,6 @@ def _make_workdir(request: ExecRequest) -> Path:
     return workdirs.make_dir(root, f"octaskly-{safe_id}-{request.attempt}-")
 
 
-def _task_env(request: ExecRequest, base_env: Mapping[str, str], workdir: Path) -> dict[str, str]:
-    env = {k: v for k, v in base_env.items() if not k.upper().startswith(PRIVATE_ENV_PREFIX)}
-    env.update(request.env)
-    env["OCTASKLY_TASK_ID"] = request.task_id
-    env["OCTASKLY_ATTEMPT"] = str(request.attempt)
-    env["OCTASKLY_WORKDIR"] = str(workdir)
-    return env
-
-
 def _argv(command: str, rlimits: Mapping[int, tuple[int, int]]) -> list[str]:
     """The argv that runs ``command`` with ``rlimits`` set in the child.
 
@@ -398,7 +450,8 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
         os.killpg(pgid, sig)
 
 
-def _describe_exit(returncode: int, rlimits: Mapping[int, tuple[int, int]]) -> str:
+def _describe_exit(returncode: int, request: ExecRequest, stderr: str) -> str:
+    rlimits = request.rlimits
     if returncode < 0:
         try:
             name = signal.Signals(-returncode).name
@@ -406,9 +459,33 @@ def _describe_exit(returncode: int, rlimits: Mapping[int, tuple[int, int]]) -> s
             name = str(-returncode)
         limit = _LIMIT_SIGNALS.get(-returncode)
         return f"killed by signal {name}" + (f" ({limit[1]})" if limit else "")
-    hint = _EXIT_HINTS.get(returncode)
-    # The shell reports a child killed by signal N as 128+N; name the limit that we set.
+    # The shell (and bwrap) report a child killed by signal N as 128+N.
     limit = _LIMIT_SIGNALS.get(returncode - 128)
     if limit is not None and limit[0] in rlimits:
-        hint = limit[1]
+        return f"{limit[1]} (exit status {returncode})"
+    if (
+        returncode == 1
+        and sandboxing.is_sandboxed(request.sandbox_level)
+        and stderr.startswith("bwrap: ")
+    ):
+        return f"could not start the sandbox: {stderr.splitlines()[0]}"
+    breach = _breached_limit(rlimits, stderr[-_BREACH_SCAN_CHARS:])
+    if breach is not None:
+        return f"{breach} (exit status {returncode})"
+    hint = _EXIT_HINTS.get(returncode)
     return f"exit status {returncode}" + (f" ({hint})" if hint else "")
+
+
+def _breached_limit(rlimits: Mapping[int, tuple[int, int]], stderr: str) -> str | None:
+    """The limit a failed run's last words say it ran into, among those it had."""
+    for limit, pattern in _BREACHES:
+        if limit in rlimits and pattern.search(stderr):
+            soft = rlimits[limit][0]
+            if limit == resource.RLIMIT_NPROC:
+                return f"process limit ({soft}) reached"
+            if limit == resource.RLIMIT_AS:
+                return f"memory limit ({soft // _MIB} MB) exceeded"
+            if limit == resource.RLIMIT_NOFILE:
+                return f"open files limit ({soft}) reached"
+            return "file size limit exceeded"
+    return None

@@ -77,11 +77,17 @@ class Workdirs:
 
 
 def make_dir(root: Path, prefix: str) -> Path:
-    """A new private (0700) directory under `root`, creating `root` when missing."""
+    """A new private (0700) directory under `root`, creating `root` when missing.
+
+    A `root` made here is 0711: others may pass through it (a sandboxed task's user must
+    reach its own workdir) but not list it.
+    """
     try:
         return Path(tempfile.mkdtemp(prefix=prefix, dir=root))
     except FileNotFoundError:  # first run with this root
-        os.makedirs(root, mode=0o700, exist_ok=True)
+        os.makedirs(root, exist_ok=True)
+        with contextlib.suppress(OSError):
+            os.chmod(root, 0o711)
         return Path(tempfile.mkdtemp(prefix=prefix, dir=root))
 
 

@@ -103,6 +103,9 @@ class TaskAssignment(_Message):
     memory_limit_mb: int | None = None
     cpu_seconds: int | None = None
     disk_limit_mb: int | None = None
+    open_files_limit: int | None = None
+    process_limit: int | None = None
+    limits_preset: models.LimitsPreset | None = None
     request_id: str | None = None
 
 

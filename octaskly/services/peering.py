@@ -114,6 +114,9 @@ class Peers:
                     memory_limit_mb=spec.memory_limit_mb,
                     cpu_seconds=spec.cpu_seconds,
                     disk_limit_mb=spec.disk_limit_mb,
+                    open_files_limit=spec.open_files_limit,
+                    process_limit=spec.process_limit,
+                    limits_preset=spec.limits_preset,
                     request_id=task.request_id,
                 )
             )

@@ -43,21 +43,55 @@ class Options:
     connect_timeout: float = 10.0
     reconnect_max_delay: float = 10.0
     transport: p2p.Transport = "auto"
+    #: More paths sandboxed tasks must not see (data directory, key file).
+    sandbox_hide: tuple[Path, ...] = ()
 
 
-def rlimits(assignment: messages.TaskAssignment) -> dict[int, tuple[int, int]]:
-    """The task's limits as rlimits: memory -> address space, CPU seconds, disk -> file size."""
-    limits: dict[int, tuple[int, int]] = {}
-    if assignment.memory_limit_mb:
-        size = assignment.memory_limit_mb * 1024 * 1024
-        limits[resource.RLIMIT_AS] = (size, size)
-    if assignment.cpu_seconds:
+def rlimits(
+    assignment: messages.TaskAssignment,
+    level: models.SandboxLevel = models.SandboxLevel.NONE,
+) -> dict[int, tuple[int, int]]:
+    """The run's limits as rlimits: memory -> address space, CPU seconds, disk -> file
+    size, open files, processes; each the task's own, else its preset's, else the default.
+
+    The process limit is set only in a sandbox (``strict`` and up): there the kernel counts
+    the processes of the task's own user namespace; outside, it would count every process
+    of the worker's user (and ignore the limit for root). No limit is set above what this
+    worker's own hard limit allows (raising it would fail the run).
+    """
+    limits = models.effective_limits(
+        preset=assignment.limits_preset,
+        cpu_seconds=assignment.cpu_seconds,
+        memory_limit_mb=assignment.memory_limit_mb,
+        disk_limit_mb=assignment.disk_limit_mb,
+        open_files_limit=assignment.open_files_limit,
+        process_limit=assignment.process_limit,
+    )
+    memory = limits.memory_limit_mb * 1024 * 1024
+    disk = limits.disk_limit_mb * 1024 * 1024
+    wanted = {
+        resource.RLIMIT_AS: (memory, memory),
         # hard = soft + 1: SIGXCPU first (reported as the CPU limit), SIGKILL a second later
-        limits[resource.RLIMIT_CPU] = (assignment.cpu_seconds, assignment.cpu_seconds + 1)
-    if assignment.disk_limit_mb:
-        size = assignment.disk_limit_mb * 1024 * 1024
-        limits[resource.RLIMIT_FSIZE] = (size, size)
-    return limits
+        resource.RLIMIT_CPU: (limits.cpu_seconds, limits.cpu_seconds + 1),
+        resource.RLIMIT_FSIZE: (disk, disk),
+        resource.RLIMIT_NOFILE: (limits.open_files_limit, limits.open_files_limit),
+    }
+    if executing.is_sandboxed(level):
+        wanted[resource.RLIMIT_NPROC] = (limits.process_limit, limits.process_limit)
+    return {r: _within_hard_limit(r, soft, hard) for r, (soft, hard) in wanted.items()}
+
+
+def sandbox_problem(level: models.SandboxLevel, workdir_root: Path) -> str | None:
+    """Why this machine cannot run tasks at ``level`` (None when it can): for start-up checks."""
+    problem = executing.unavailable(level, workdir_root)
+    return None if problem is None else f"not available on this machine: {problem}"
+
+
+def _within_hard_limit(limit: int, soft: int, hard: int) -> tuple[int, int]:
+    ceiling = resource.getrlimit(limit)[1]
+    if ceiling == resource.RLIM_INFINITY:
+        return soft, hard
+    return min(soft, ceiling), min(hard, ceiling)
 
 
 class FatalWorkerError(errors.PermanentError):
@@ -242,6 +276,7 @@ class Worker:
             log.warning("task %s refused: %s", assignment.task_id, refusal)
             self._report(assignment, executing.not_run("failed", refusal))
             return
+        level = self._level(assignment)
         request = executing.ExecRequest(
             task_id=assignment.task_id,
             attempt=assignment.attempt,
@@ -250,7 +285,9 @@ class Worker:
             timeout=float(assignment.timeout),
             workdir_root=self.options.workdir_root,
             output_limit=self.options.output_limit,
-            rlimits=rlimits(assignment),
+            rlimits=rlimits(assignment, level),
+            sandbox_level=level,
+            hidden=self.options.sandbox_hide,
         )
         holder: list[_Running] = []
         execution = executing.Execution(
@@ -298,11 +335,17 @@ class Worker:
         self.unacked[a.task_id] = result
         self._send_nowait(result)
 
+    def _level(self, assignment: messages.TaskAssignment) -> models.SandboxLevel:
+        """A task may ask for more isolation than this worker's minimum, never for less."""
+        return executing.effective_level(assignment.sandbox_level, self.options.sandbox_level)
+
     def _refusal(self, assignment: messages.TaskAssignment) -> str | None:
         """A task this worker cannot run as asked is failed, never run with less isolation."""
-        level = assignment.sandbox_level or self.options.sandbox_level
-        if level.rank > models.SandboxLevel.BASIC.rank:
-            return f"sandbox level {level.value} is not available in this octaskly version"
+        level = self._level(assignment)
+        # (checked once per level, by running bwrap: a few ms on the loop, then remembered)
+        problem = executing.unavailable(level, self.options.workdir_root)
+        if problem is not None:
+            return f"sandbox level {level.value} is not available on this worker: {problem}"
         return None
 
     def _cancel(self, task_id: str, attempt: int, *, reason: str) -> None:
