@@ -283,9 +283,12 @@ class Execution:
             # (the Python shim may not be visible inside the sandbox)
             raise sandboxing.Unavailable("util-linux prlimit is not installed")
         fsize = request.rlimits.get(resource.RLIMIT_FSIZE)
+        # Unsandboxed runs set their limits with the shell's ulimit (an extra exec of
+        # prlimit per task would cost about as much as the shell itself).
+        sandboxed = sandboxing.is_sandboxed(level)
         return sandboxing.prepare(
             level,
-            command=_argv(request.command, request.rlimits),
+            command=_argv(request.command, request.rlimits, sandboxed=sandboxed),
             base_env=os.environ if self._base_env is None else self._base_env,
             env=request.env,
             task_id=request.task_id,
@@ -414,15 +417,23 @@ def _make_workdir(request: ExecRequest) -> Path:
     return workdirs.make_dir(root, f"octaskly-{safe_id}-{request.attempt}-")
 
 
-def _argv(command: str, rlimits: Mapping[int, tuple[int, int]]) -> list[str]:
+def _argv(
+    command: str, rlimits: Mapping[int, tuple[int, int]], *, sandboxed: bool = False
+) -> list[str]:
     """The argv that runs ``command`` with ``rlimits`` set in the child.
 
-    Limits are set by a wrapper that then execs the shell (same pid), rather than by
+    Unsandboxed, the shell sets them itself with ``ulimit`` before the command. Inside a
+    sandbox (where only the system's tools are), limits are set by a wrapper that then
+    execs the shell (same pid), rather than by
     ``preexec_fn``, which runs Python between fork and exec and can deadlock in a threaded
     process (3.11's default child watcher starts threads) and rules out vfork.
     """
     if not rlimits:
         return [SHELL, "-c", command]
+    script = _ulimit_script(rlimits) if not sandboxed else None
+    if script is not None:
+        # One line: the command's own line numbers (in shell errors) stay as they were.
+        return [SHELL, "-c", f"{script} || exit 126; {command}"]
     prlimit = _find_prlimit()
     if prlimit is not None:
         options = [
@@ -432,6 +443,29 @@ def _argv(command: str, rlimits: Mapping[int, tuple[int, int]]) -> list[str]:
         return [prlimit, *options, "--", SHELL, "-c", command]
     specs = [f"{r}:{soft}:{hard}" for r, (soft, hard) in sorted(rlimits.items())]
     return [sys.executable, "-I", "-S", "-c", _SETRLIMIT_SHIM, *specs, command]
+
+
+# The shell's own `ulimit` (POSIX units: -v KiB, -f 512-byte blocks) for unsandboxed runs:
+# no extra exec, and the limits hold before the first word of the command runs.
+_ULIMIT_FLAGS = {
+    resource.RLIMIT_CPU: ("t", 1),
+    resource.RLIMIT_AS: ("v", 1024),
+    resource.RLIMIT_FSIZE: ("f", 512),
+    resource.RLIMIT_NOFILE: ("n", 1),
+}
+
+
+def _ulimit_script(rlimits: Mapping[int, tuple[int, int]]) -> str | None:
+    """`ulimit` builtins setting `rlimits` (soft, then hard), or None if one has no flag."""
+    parts = []
+    for which, (soft, hard) in sorted(rlimits.items()):
+        if which not in _ULIMIT_FLAGS:
+            return None
+        flag, unit = _ULIMIT_FLAGS[which]
+        for kind, value in (("S", soft), ("H", hard)):
+            amount = "unlimited" if value == resource.RLIM_INFINITY else str(value // unit)
+            parts.append(f"ulimit -{kind}{flag} {amount}")
+    return " && ".join(parts)
 
 
 @functools.cache
