@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import re
 from collections.abc import Mapping
@@ -144,6 +145,10 @@ def task_record(task: models.Task, waiting_reason: str | None = None) -> dict[st
         memory_limit_mb=spec.memory_limit_mb,
         cpu_seconds=spec.cpu_seconds,
         disk_limit_mb=spec.disk_limit_mb,
+        open_files_limit=spec.open_files_limit,
+        process_limit=spec.process_limit,
+        limits_preset=spec.limits_preset.value if spec.limits_preset else None,
+        effective_limits=dataclasses.asdict(spec.limits()),
         sandbox_level=spec.sandbox_level.value if spec.sandbox_level else None,
         env=spec.env,
         inputs=spec.inputs,

@@ -97,6 +97,15 @@ def _client_parsers(sub: argparse._SubParsersAction[_Parser]) -> None:
     p.add_argument("--memory-limit-mb", type=int, dest="memory_limit_mb")
     p.add_argument("--cpu-seconds", type=int, dest="cpu_seconds")
     p.add_argument("--disk-limit-mb", type=int, dest="disk_limit_mb")
+    p.add_argument("--open-files-limit", type=int, dest="open_files_limit")
+    p.add_argument("--process-limit", type=int, dest="process_limit")
+    p.add_argument(
+        "--limits-preset",
+        choices=["strict", "relaxed"],
+        dest="limits_preset",
+        help="strict: 300 s, 512 MB, 1000 MB, 100 files, 10 processes; relaxed: 86400 s, "
+        "8192 MB, 102400 MB, 4096 files, 1024 processes (explicit limits win)",
+    )
     p.add_argument("--sandbox-level", choices=["none", "basic", "strict", "very-strict"])
     p.add_argument("--cpu-cores", type=float, help="required CPU cores on the worker")
     p.add_argument("--memory-mb", type=int, help="required memory (MB) on the worker")

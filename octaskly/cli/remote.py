@@ -57,6 +57,9 @@ def submit(client: Client, args: argparse.Namespace) -> int:
         "memory_limit_mb",
         "cpu_seconds",
         "disk_limit_mb",
+        "open_files_limit",
+        "process_limit",
+        "limits_preset",
         "sandbox_level",
     ):
         if getattr(args, name, None) is not None:

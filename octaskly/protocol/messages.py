@@ -18,7 +18,7 @@ import pydantic
 from octaskly import errors
 from octaskly.domain import models
 
-PROTOCOL_VERSION = 2  # 2: proofs bound to the TLS certificate (v1 was plain TCP)
+PROTOCOL_VERSION = 3  # 2: proofs bound to the TLS certificate; 3: assignments carry all limits
 _ID = pydantic.Field(min_length=1, max_length=200)
 _HEX = pydantic.Field(min_length=32, max_length=128, pattern=r"^[0-9a-f]+$")
 
