@@ -384,3 +384,18 @@ def test_https_api_with_tls_cert_and_key(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     assert bad.returncode == 2 and "tls_cert" in bad.stderr
+
+
+def test_auth_off_on_a_lan_address_warns_loudly_and_everyone_is_admin(tmp_path: Path) -> None:
+    api, data, _, flags = _keyed_dispatcher(tmp_path)
+    flags = [f for f in flags if f != "127.0.0.1"]  # drop the loopback bind ...
+    flags.remove("--bind")
+    log = tmp_path / "d.log"
+    with procs.processes() as ps:
+        ps.append(start(["dispatcher", *flags, "--require-auth", "false"], cwd=tmp_path, log=log))
+        wait_healthy(api, ps[0])  # ... so it listens on 0.0.0.0
+        assert http("GET", f"{api}/api/v1/stats", token="")[0] == 200
+        assert procs.stop(ps[0]) == 0
+    text = log.read_text()
+    assert "API authentication is OFF while listening on 0.0.0.0" in text
+    assert not (data / "admin.token").exists()
