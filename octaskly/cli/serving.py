@@ -77,6 +77,8 @@ def dispatcher_options(settings: config_settings.Settings, secret: bytes) -> dis
         secret_key=secret,
         whitelist=frozenset(settings.security.whitelist),
         default_timeout=settings.limits.default_timeout,
+        default_cpu_seconds=settings.limits.default_cpu_seconds,
+        default_memory_mb=settings.limits.default_memory_mb,
         task_queue_size=settings.performance.task_queue_size,
         keepalive_interval=settings.performance.keepalive_interval,
         connection_timeout=settings.performance.connection_timeout,

@@ -38,6 +38,10 @@ class Options:
     secret_key: bytes
     whitelist: frozenset[str] = frozenset()
     default_timeout: int = 3600
+    default_cpu_seconds: int | None = None
+    """CPU seconds for tasks that set none ([limits] default_cpu_seconds)."""
+    default_memory_mb: int | None = None
+    """Memory (MB) for tasks that set none ([limits] default_memory_mb)."""
     task_queue_size: int = 1_000_000
     keepalive_interval: float = 5.0
     connection_timeout: float = 15.0

@@ -102,6 +102,12 @@ class Peers:
 
     def send_assign(self, worker_id: str, task: models.Task, attempt: int) -> None:
         spec = task.spec
+        options = self._d.options
+        # The cluster's [limits] defaults stand in for limits a task (or its preset) leaves
+        # open; the worker fills what is still open with SPEC's defaults.
+        preset = spec.limits_preset is not None
+        cpu = spec.cpu_seconds or (None if preset else options.default_cpu_seconds)
+        memory = spec.memory_limit_mb or (None if preset else options.default_memory_mb)
         self.sessions[worker_id].send(
             messages.Assign(
                 task=messages.TaskAssignment(
@@ -111,8 +117,8 @@ class Peers:
                     env=spec.env,
                     timeout=task.timeout,
                     sandbox_level=spec.sandbox_level,
-                    memory_limit_mb=spec.memory_limit_mb,
-                    cpu_seconds=spec.cpu_seconds,
+                    memory_limit_mb=memory,
+                    cpu_seconds=cpu,
                     disk_limit_mb=spec.disk_limit_mb,
                     open_files_limit=spec.open_files_limit,
                     process_limit=spec.process_limit,

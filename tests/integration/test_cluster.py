@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -263,3 +264,18 @@ async def test_each_task_gets_its_own_workdir_under_work_dir(cluster: Cluster) -
     assert out2[0] != out1[0] and out2[1:] == []
     # removed after the run (just after the result is reported)
     await until(lambda: not Path(out1[0]).exists(), what="workdir removed")
+
+
+async def test_cluster_limit_defaults_apply_to_tasks_without_limits(tmp_path: Path) -> None:
+    async with running_cluster(tmp_path, default_memory_mb=256, default_cpu_seconds=7) as c:
+        await c.add_worker("w1")
+        grab = f"{sys.executable} -c 'bytearray(1 << 30)'"
+        failed = await c.wait_status(await c.submit(command=grab), "failed")
+        assert "memory limit (256 MB) exceeded" in failed["error"]
+        shown = await c.wait_status(await c.submit(command="ulimit -t"), "completed")
+        assert shown["stdout"] == "7\n"
+        # a preset (and a task's own value) beats the cluster's default
+        relaxed = await c.submit(command="ulimit -t", limits_preset="relaxed")
+        assert (await c.wait_status(relaxed, "completed"))["stdout"] == "86400\n"
+        own = await c.submit(command="ulimit -t", cpu_seconds=30)
+        assert (await c.wait_status(own, "completed"))["stdout"] == "30\n"
