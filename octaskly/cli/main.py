@@ -185,6 +185,24 @@ def build_parser() -> argparse.ArgumentParser:
     loading.add_flags(t, CLIENT_KEYS)
     t.set_defaults(kind="token", token_command="revoke")
 
+    p = sub.add_parser(
+        "backup",
+        help="Copy the database consistently while the dispatcher runs (SQLite backup API)",
+    )
+    p.add_argument("--output", required=True, metavar="FILE", help="where to write the copy")
+    p.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
+    _with_config(p)
+    loading.add_flags(p, ["data_dir", "db_path", *COMMON_KEYS])
+    p.set_defaults(kind="backup")
+    p = sub.add_parser(
+        "restore",
+        help="Replace the database by a backup (dispatcher stopped; the old one is kept)",
+    )
+    p.add_argument("file", help="a file written by octaskly backup")
+    _with_config(p)
+    loading.add_flags(p, ["data_dir", "db_path", *COMMON_KEYS])
+    p.set_defaults(kind="restore")
+
     p = sub.add_parser("audit", help="Check the audit log")
     asub = p.add_subparsers(dest="audit_command", metavar="ACTION", parser_class=_Parser)
     asub.required = True
@@ -245,6 +263,28 @@ def _config_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _backup_or_restore(args: argparse.Namespace) -> int:
+    from octaskly.cli import serving
+    from octaskly.store import backup
+
+    settings = _load(args).settings
+    db_path = settings.db_file()
+    if args.kind == "backup":
+        info = backup.backup(db_path, Path(args.output), force=args.force)
+        print(f"backed up {db_path} to {info.path}: {info.tasks} tasks, {info.bytes} bytes")
+        return 0
+    if serving.data_dir_in_use(settings.data_dir()):
+        raise errors.ConfigError(
+            f"a dispatcher is running with data dir {settings.data_dir()}: stop it first "
+            "(systemctl stop octaskly-dispatcher)"
+        )
+    info, kept = backup.restore(Path(args.file), db_path)
+    print(f"restored {db_path} from {args.file}: {info.tasks} tasks")
+    if kept is not None:
+        print(f"the previous database is kept as {kept}")
+    return 0
+
+
 def _audit_verify(args: argparse.Namespace) -> int:
     from octaskly.cli import tokens_cmd
     from octaskly.services import auditing
@@ -275,6 +315,8 @@ def _run(args: argparse.Namespace) -> int:
         return _config_command(args)
     if args.kind == "audit-verify":
         return _audit_verify(args)
+    if args.kind in ("backup", "restore"):
+        return _backup_or_restore(args)
     if args.kind in ("client", "token"):
         from octaskly.cli import tokens_cmd
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import logging
 import os
 import secrets
@@ -34,6 +35,7 @@ from octaskly.transport import discovery, p2p, tls
 
 log = logging.getLogger("octaskly")
 SECRET_FILE = "secret.key"
+LOCK_FILE = "dispatcher.lock"
 TLS_DIR = "tls"
 DISCOVERY_SECONDS = 3.0
 
@@ -109,6 +111,7 @@ class RunningDispatcher:
         self.api_port = api_port
         self.advertising = advertising
         self.advertiser = advertiser
+        self.lock: int | None = None
 
     async def close(self) -> None:
         if self.advertising is not None:
@@ -121,6 +124,9 @@ class RunningDispatcher:
         await self.runner.cleanup()
         await self.dispatcher.stop()
         await self.p2p.wait_closed()
+        if self.lock is not None:
+            os.close(self.lock)  # releases the data dir
+            self.lock = None
 
 
 def _refuse_unavailable(settings: config_settings.Settings) -> None:
@@ -223,11 +229,54 @@ async def _serve(
     return listener, runner
 
 
+def lock_data_dir(data_dir: Path) -> int:
+    """Hold `<data dir>/dispatcher.lock` (flock) for the life of this process: one
+    dispatcher per data dir, and `octaskly restore` can tell one is running. The kernel
+    drops the lock when the process dies, kill -9 included. Returns the fd."""
+    fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise errors.ConfigError(
+            f"another dispatcher is running with data dir {data_dir} (it holds {LOCK_FILE})"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def data_dir_in_use(data_dir: Path) -> bool:
+    """Whether a dispatcher holds the lock of `data_dir` now."""
+    try:
+        fd = os.open(data_dir / LOCK_FILE, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 async def start_dispatcher(settings: config_settings.Settings) -> RunningDispatcher:
     _refuse_unavailable(settings)
     api_tls = api_tls_context(settings)  # before anything starts: bad files fail fast
     data_dir = settings.data_dir()
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    lock = lock_data_dir(data_dir)
+    try:
+        return await _start_locked(settings, data_dir, api_tls, lock)
+    except BaseException:
+        os.close(lock)
+        raise
+
+
+async def _start_locked(
+    settings: config_settings.Settings, data_dir: Path, api_tls: ssl.SSLContext | None, lock: int
+) -> RunningDispatcher:
     secret = ensure_secret(settings, data_dir)
     identity = tls.load_or_create(data_dir / TLS_DIR)
     db_path = settings.db_file()
@@ -273,7 +322,9 @@ async def start_dispatcher(settings: config_settings.Settings) -> RunningDispatc
         ),
         name="octaskly-mdns-advertise",
     )
-    return RunningDispatcher(dispatcher, listener, runner, api_port, advertising, advertiser)
+    running = RunningDispatcher(dispatcher, listener, runner, api_port, advertising, advertiser)
+    running.lock = lock
+    return running
 
 
 async def _until_signal(*extra: asyncio.Future[Any] | asyncio.Event) -> None:
