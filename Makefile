@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYZ    ?= dist/octaskly.pyz
 
-.PHONY: dev venv system-deps test lint typecheck unit pyz bench clean
+.PHONY: dev venv system-deps test lint typecheck unit pyz release bench clean
 
 $(STAMP): pyproject.toml | system-deps
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,14 +17,20 @@ $(STAMP): pyproject.toml | system-deps
 venv: $(STAMP)
 
 ## system-deps: bubblewrap (bwrap), which the strict sandbox levels and their tests need;
-## installed with apt-get only when it is missing and we are root (CI), else a warning
+## shellcheck and systemd (systemd-analyze), which the installer and unit tests need;
+## whatever is missing is installed with one apt-get call when we are root (CI), else a warning
 system-deps:
-	@command -v bwrap >/dev/null 2>&1 || { \
+	@missing=""; \
+	command -v bwrap >/dev/null 2>&1 || missing="$$missing bubblewrap"; \
+	command -v shellcheck >/dev/null 2>&1 || missing="$$missing shellcheck"; \
+	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
+	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 		else \
-			echo "warning: bubblewrap (bwrap) is missing: sudo apt-get install bubblewrap" >&2; \
-		fi; }
+			echo "warning: missing system packages: sudo apt-get install$$missing" >&2; \
+		fi; \
+	fi
 
 ## dev: create the venv, install, and run a dispatcher + 2 workers (API on 127.0.0.1:3000)
 dev: $(STAMP)
@@ -32,8 +38,8 @@ dev: $(STAMP)
 
 ## lint: ruff (lint + format check), mypy --strict, import-linter layer contracts
 lint: $(STAMP)
-	$(BIN)/ruff check octaskly tests bench
-	$(BIN)/ruff format --check octaskly tests bench
+	$(BIN)/ruff check octaskly tests bench scripts
+	$(BIN)/ruff format --check octaskly tests bench scripts
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
@@ -50,6 +56,13 @@ pyz: $(STAMP)
 	$(BIN)/shiv --reproducible --compressed -c octaskly -o $(PYZ) \
 		-p '/usr/bin/env python3' .
 	@echo "built $(PYZ) ($$(du -h $(PYZ) | cut -f1))"
+
+## release: a reproducible pyz per target (Linux x86_64/aarch64, macOS, Windows; CPython
+## 3.11-3.13) + tarballs + SHA256SUMS in dist/, wheel tags checked, start-up measured;
+## wheels cached in ~/.cache/octaskly-release (RELEASE_ARGS="--targets local" for one)
+RELEASE_ARGS ?=
+release: $(STAMP)
+	$(BIN)/python -m scripts.release --verify-reproducible $(RELEASE_ARGS)
 
 ## bench: measure throughput, latency, memory and startup against issue 3's targets
 ## (about 4 minutes; BENCH_ARGS="--quick" or e.g. "--tasks 2000 --scale-depths 1000,10000")
