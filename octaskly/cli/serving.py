@@ -21,7 +21,7 @@ from typing import Any
 import psutil
 from aiohttp import web
 
-from octaskly import __version__, errors
+from octaskly import __version__, errors, files
 from octaskly.api import app as api_app
 from octaskly.cli import tokens_cmd
 from octaskly.config import settings as config_settings
@@ -104,6 +104,7 @@ class RunningDispatcher:
         api_port: int,
         advertising: asyncio.Task[None] | None = None,
         advertiser: discovery.Advertiser | None = None,
+        lock: int | None = None,
     ) -> None:
         self.dispatcher = dispatcher
         self.p2p = listener
@@ -111,7 +112,8 @@ class RunningDispatcher:
         self.api_port = api_port
         self.advertising = advertising
         self.advertiser = advertiser
-        self.lock: int | None = None
+        self.lock = lock
+        """The data dir lock's fd (see lock_data_dir), released by close()."""
 
     async def close(self) -> None:
         if self.advertising is not None:
@@ -172,7 +174,7 @@ async def ensure_admin_token(dispatcher: dispatching.Dispatcher, data_dir: Path)
     token, claims = await dispatcher.tokens.issue(
         subject="local-admin", role="admin", ttl=ADMIN_TOKEN_TTL
     )
-    tokens_cmd.write_private(path, token + "\n")
+    files.write_private(path, (token + "\n").encode())
     dispatcher.audit.record(
         "token_issued",
         action="issue token",
@@ -322,9 +324,7 @@ async def _start_locked(
         ),
         name="octaskly-mdns-advertise",
     )
-    running = RunningDispatcher(dispatcher, listener, runner, api_port, advertising, advertiser)
-    running.lock = lock
-    return running
+    return RunningDispatcher(dispatcher, listener, runner, api_port, advertising, advertiser, lock)
 
 
 async def _until_signal(*extra: asyncio.Future[Any] | asyncio.Event) -> None:

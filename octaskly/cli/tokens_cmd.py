@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -39,15 +38,6 @@ def find_token(settings: config_settings.Settings, *, data_dir_given: bool) -> s
         if text:
             return text
     return None
-
-
-def write_private(path: Path, text: str) -> None:
-    """Write `text` to `path` with mode 0600, atomically."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def local_secret(settings: config_settings.Settings) -> bytes | None:

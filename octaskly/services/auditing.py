@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+from octaskly import files
 from octaskly.protocol import auth
 
 log = logging.getLogger(__name__)
@@ -198,14 +199,8 @@ class AuditLog:
             checkpoint["hash"] = chain_hash(self._key, last["hash"], checkpoint)
             # The entry after the checkpoint chains from the pruned entry's hash; the
             # checkpoint (MAC'd) vouches for that hash, so verify resumes from it.
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write((json.dumps(checkpoint, separators=(",", ":")) + "\n").encode())
-                fh.writelines(lines[keep_from:])
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
+            head = (json.dumps(checkpoint, separators=(",", ":")) + "\n").encode()
+            files.write_private(self.path, head + b"".join(lines[keep_from:]))
             if self._fd is not None:  # reopen the new file for appending
                 os.close(self._fd)
                 self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND, 0o600)

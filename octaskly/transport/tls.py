@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from octaskly import errors
+from octaskly import errors, files
 
 CERT_FILE = "p2p-cert.pem"
 KEY_FILE = "p2p-key.pem"
@@ -81,18 +81,8 @@ def _create(cert_path: Path, key_path: Path) -> None:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    _write_private(key_path, key_pem)
-    _write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM))
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    files.write_private(key_path, key_pem)
+    files.write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM))
 
 
 def _load(cert_path: Path, key_path: Path) -> Identity:
