@@ -10,7 +10,6 @@ until it would have expired anyway.
 from __future__ import annotations
 
 import dataclasses
-import hmac
 import re
 import time
 import uuid
@@ -144,6 +143,3 @@ class Tokens:
         changed = await self._store.revoke_token(jti, revoked_at=now, expires_at=expires)
         self._revoked.add(jti)
         return changed
-
-    def same_key(self, other_secret: bytes) -> bool:
-        return hmac.compare_digest(self._key, signing_key(other_secret))
