@@ -32,7 +32,7 @@ class Info:
     schema_version: int
 
 
-def _copy(source: Path, target: Path) -> None:
+def copy(source: Path, target: Path) -> None:
     """A consistent copy of `source` at `target` (0600, atomically renamed)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.partial-{os.getpid()}")
@@ -97,7 +97,7 @@ def backup(db_path: Path, output: Path, *, force: bool = False) -> Info:
     if output.exists() and not force:
         raise errors.ConfigError(f"{output} exists; choose another name or pass --force")
     try:
-        _copy(db_path, output)
+        copy(db_path, output)
     except sqlite3.Error as exc:
         raise errors.StorageError(f"backup of {db_path} failed: {exc}") from None
     return check(output)
@@ -110,12 +110,12 @@ def restore(backup_file: Path, db_path: Path) -> tuple[Info, Path | None]:
     kept: Path | None = None
     if db_path.exists():
         kept = db_path.with_name(f"{db_path.name}.before-restore-{time.strftime('%Y%m%d%H%M%S')}")
-        _copy(db_path, kept)  # consistent, WAL folded in
+        copy(db_path, kept)  # consistent, WAL folded in
     for suffix in SIDE_FILES:
         with contextlib.suppress(FileNotFoundError):
             Path(f"{db_path}{suffix}").unlink()
     try:
-        _copy(backup_file, db_path)
+        copy(backup_file, db_path)
     except sqlite3.Error as exc:
         raise errors.StorageError(f"restore of {backup_file} failed: {exc}") from None
     return check(db_path), kept

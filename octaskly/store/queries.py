@@ -58,6 +58,14 @@ GET_TASK = f"{_SELECT_TASK} WHERE id = ?"
 
 MAX_SEQ = "SELECT ifnull(max(queue_seq), 0) FROM tasks"
 
+# Replication (migration 003): the position and the term history.
+GET_POSITION = "SELECT db_id, lsn, term FROM replication WHERE id = 1"
+BUMP_LSN = "UPDATE replication SET lsn = lsn + 1 WHERE id = 1"
+SET_POSITION = "UPDATE replication SET lsn = ?, term = ? WHERE id = 1"
+GET_TERMS = "SELECT term, start_lsn FROM terms ORDER BY term"
+INSERT_TERM = "INSERT OR REPLACE INTO terms (term, start_lsn) VALUES (?, ?)"
+CLEAR_TERMS = "DELETE FROM terms"
+
 # `ifnull(owner, '')` matches the expression of the unique index, so a NULL owner is one
 # owner rather than a fresh one per row (SQLite treats NULLs as distinct in UNIQUE).
 FIND_BY_KEY = f"{_SELECT_TASK} WHERE ifnull(owner, '') = ? AND idempotency_key = ?"

@@ -17,7 +17,7 @@ import contextlib
 import logging
 import os
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -25,7 +25,7 @@ import aiosqlite
 
 from octaskly import errors
 from octaskly.domain import models
-from octaskly.store import base, faults, migrating, queries, writing
+from octaskly.store import backup, base, changes, faults, migrating, queries, writing
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ class SQLiteStore:
         self._batches = writing.BatchWriter(
             self.path, synchronous=synchronous, busy_timeout_ms=BUSY_TIMEOUT_MS
         )
+        self._capture: Callable[[changes.Change], None] | None = None
         # One thread runs whole batches: one hand-off per transaction, not per statement.
         self._thread = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="octaskly-store-writer"
@@ -163,21 +164,26 @@ class SQLiteStore:
         self._submit(_update_op(updates, future))
         return cast(list[bool], await future)
 
-    async def _write_plain(self, statements: list[tuple[str, tuple[Any, ...]]]) -> list[int]:
+    async def _write_plain(
+        self, statements: list[tuple[str, tuple[Any, ...]]], *, tokens: list[str]
+    ) -> list[int]:
         self._ensure_writable()
         future = asyncio.get_running_loop().create_future()
-        self._submit(writing.Op(future, plain=statements))
+        self._submit(writing.Op(future, plain=statements, tokens=tokens))
         return cast(list[int], await future)
 
     async def record_token(self, record: base.TokenRecord) -> None:
-        await self._write_plain([(queries.INSERT_TOKEN, queries.token_row(record))])
+        await self._write_plain(
+            [(queries.INSERT_TOKEN, queries.token_row(record))], tokens=[record.jti]
+        )
 
     async def revoke_token(self, jti: str, *, revoked_at: float, expires_at: float) -> bool:
         (_, changed) = await self._write_plain(
             [
                 (queries.INSERT_REVOCATION, (jti, expires_at)),
                 (queries.REVOKE_TOKEN, (revoked_at, jti)),
-            ]
+            ],
+            tokens=[jti],
         )
         return changed == 1
 
@@ -252,12 +258,60 @@ class SQLiteStore:
         error = await loop.run_in_executor(self._thread, self._batches.write_batch, batch)
         if error is None:
             self.commit_count += 1
+            change = self._batches.last_change
+            if change is not None and self._capture is not None:
+                self._capture(change)  # before any caller hears of its commit
         else:
             log.error("a write of %d operations was rolled back: %s", len(batch), error)
             for op in batch:
                 op.error = op.error or error
         for op in batch:
             _settle(op)
+
+    # -- replication -----------------------------------------------------------------------
+    @property
+    def position(self) -> changes.Position:
+        """This database's history id, term and last transaction number."""
+        return self._batches.position
+
+    @property
+    def change_widths(self) -> tuple[int, int]:
+        """Columns of a task row and of a token row in a Change."""
+        return self._batches.widths
+
+    def set_capture(self, callback: Callable[[changes.Change], None] | None) -> None:
+        """Hand every later commit to `callback` as a Change (None: stop)."""
+        self._capture = callback
+        self._batches.capture = callback is not None
+
+    async def apply_change(self, change: changes.Change) -> bool:
+        """Apply a primary's change durably (a standby); False if it was applied already."""
+        self._ensure_writable()
+        future = asyncio.get_running_loop().create_future()
+        self._submit(writing.Op(future, replica=change))
+        return cast(bool, await future)
+
+    async def _on_writer(self, fn: Callable[..., Any], *args: Any) -> Any:
+        self._ensure_writable()
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    async def begin_term(self, term: int) -> None:
+        """Durably start writing as the primary of `term`."""
+        await self._on_writer(self._batches.begin_term, term)
+
+    async def set_history(self, history: Sequence[tuple[int, int]]) -> None:
+        """Durably take over a primary's term history."""
+        await self._on_writer(self._batches.set_history, list(history))
+
+    async def history(self) -> list[tuple[int, int]]:
+        """The term history [(term, start_lsn)], ascending."""
+        return cast(list[tuple[int, int]], await self._on_writer(self._batches.history))
+
+    async def snapshot(self, target: Path) -> changes.Position:
+        """A consistent copy of the database at `target` (0600); its position."""
+        self._ensure_writable()
+        await asyncio.to_thread(backup.copy, self.path, target)
+        return await asyncio.to_thread(read_position, target)
 
     # -- reading --------------------------------------------------------------------------
     async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
@@ -391,6 +445,18 @@ def _settle(op: writing.Op) -> None:
         op.future.set_exception(op.error)
     else:
         op.future.set_result(op.result)
+
+
+def read_position(path: Path) -> changes.Position:
+    """The replication position recorded in the database file at `path`."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        db_id, lsn, term = conn.execute(queries.GET_POSITION).fetchone()
+    except sqlite3.Error as exc:
+        raise errors.StorageError(f"{path}: no replication position: {exc}") from None
+    finally:
+        conn.close()
+    return changes.Position(str(db_id), int(term), int(lsn))
 
 
 def _prepare_file(path: Path) -> None:

@@ -12,15 +12,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import itertools
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from octaskly import errors
 from octaskly.domain import models
-from octaskly.store import base, faults, queries
+from octaskly.store import base, changes, faults, queries
 
 # Errors confined to one operation: its savepoint is rolled back and the batch goes on.
 # Anything else (a full disk, I/O errors) fails the whole transaction.
@@ -45,6 +47,10 @@ class Op:
     seq_bumps: list[int | None] = dataclasses.field(default_factory=list)
     plain: list[tuple[str, tuple[Any, ...]]] = dataclasses.field(default_factory=list)
     """Other statements (tokens), run in order; the result is their row counts."""
+    tokens: list[str] = dataclasses.field(default_factory=list)
+    """The tokens `plain` may change (for replication)."""
+    replica: changes.Change | None = None
+    """A primary's change for a standby to apply as it is."""
     result: Any = None
     error: BaseException | None = None
 
@@ -54,6 +60,8 @@ class Op:
 
     @property
     def kind(self) -> str:
+        if self.replica is not None:
+            return "replica"
         return "insert" if self.rows else "plain" if self.plain else "update"
 
 
@@ -66,6 +74,14 @@ class BatchWriter:
         self._busy_timeout_ms = busy_timeout_ms
         self._db: sqlite3.Connection | None = None
         self.next_seq = 1
+        self.position = changes.Position("", 1, 0)
+        self.capture = False
+        """Read back each commit's rows as a Change (set while a standby may need them)."""
+        self.last_change: changes.Change | None = None
+        """The change the last write_batch committed (with capture on)."""
+        self.clock: Callable[[], float] = time.time
+        self._task_columns: tuple[str, ...] = ()
+        self._token_columns: tuple[str, ...] = ()
 
     def open(self) -> None:
         # isolation_level=None: no implicit transactions; BEGIN is said explicitly.
@@ -80,7 +96,16 @@ class BatchWriter:
         db.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
         db.execute("PRAGMA foreign_keys = ON")
         self.next_seq = int(db.execute(queries.MAX_SEQ).fetchone()[0]) + 1
+        db_id, lsn, term = db.execute(queries.GET_POSITION).fetchone()
+        self.position = changes.Position(str(db_id), int(term), int(lsn))
+        self._task_columns = _columns(db, "tasks")
+        self._token_columns = _columns(db, "tokens")
         self._db = db
+
+    @property
+    def widths(self) -> tuple[int, int]:
+        """Columns of a task row and of a token row in a Change."""
+        return len(self._task_columns), len(self._token_columns)
 
     def close(self) -> None:
         db, self._db = self._db, None
@@ -95,7 +120,8 @@ class BatchWriter:
         db = self._db
         if db is None:
             return errors.StorageError(f"the database writer for {self.path} is closed")
-        first_seq = self.next_seq
+        first_seq, position = self.next_seq, self.position
+        self.last_change = None
         try:
             db.execute("BEGIN IMMEDIATE")
             for kind, group in itertools.groupby(batch, key=lambda op: op.kind):
@@ -104,15 +130,95 @@ class BatchWriter:
                     self._run_group(db, ops, self._insert_all, self._insert_one)
                 elif kind == "plain":
                     self._run_group(db, ops, self._plain_all, self._plain_one)
+                elif kind == "replica":
+                    for op in ops:
+                        self._apply_change(db, op)
                 else:
                     self._run_group(db, ops, self._update_all, self._update_one)
+            task_ids, token_ids = _touched(batch)
+            if task_ids or token_ids:
+                db.execute(queries.BUMP_LSN)
+                self.position = dataclasses.replace(position, lsn=position.lsn + 1)
             db.execute("COMMIT")
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")  # SQLite may have rolled back itself (SQLITE_FULL)
-            self.next_seq = first_seq
+            self.next_seq, self.position = first_seq, position
             return faults.storage_error(exc, self.path)
+        if self.capture and (task_ids or token_ids):
+            self.last_change = self._read_change(db, task_ids, token_ids)
         return None
+
+    # -- replication ----------------------------------------------------------------------
+    def _read_change(
+        self, db: sqlite3.Connection, task_ids: list[str], token_ids: list[str]
+    ) -> changes.Change:
+        """The rows of the transaction just committed (the next has not begun)."""
+        tasks: list[tuple[Any, ...]] = []
+        for start in range(0, len(task_ids), 500):
+            chunk = task_ids[start : start + 500]
+            tasks += db.execute(_select(self._task_columns, "tasks", "id", len(chunk)), chunk)
+        tokens: list[tuple[Any, ...]] = []
+        for start in range(0, len(token_ids), 500):
+            chunk = token_ids[start : start + 500]
+            tokens += db.execute(_select(self._token_columns, "tokens", "jti", len(chunk)), chunk)
+        p = self.position
+        return changes.Change(p.lsn, p.term, self.clock(), tasks, tokens)
+
+    def _apply_change(self, db: sqlite3.Connection, op: Op) -> None:
+        """A standby applies one of the primary's changes, taking over its lsn and term."""
+        change = op.replica
+        assert change is not None
+        if change.lsn <= self.position.lsn:
+            op.result = False  # applied already (a resent change after a reconnect)
+            return
+        if change.tasks:
+            db.executemany(_upsert(self._task_columns, "tasks"), change.tasks)
+            seq = self._task_columns.index("queue_seq")
+            self.next_seq = max(self.next_seq, max(int(r[seq]) for r in change.tasks) + 1)
+        if change.tokens:
+            db.executemany(_upsert(self._token_columns, "tokens"), change.tokens)
+        db.execute(queries.SET_POSITION, (change.lsn, change.term))
+        self.position = dataclasses.replace(self.position, lsn=change.lsn, term=change.term)
+        op.result = True
+
+    def begin_term(self, term: int) -> None:
+        """Record that this database now writes as primary of `term` (after its last lsn)."""
+        db = self._db
+        if db is None:
+            raise errors.StorageError(f"the database writer for {self.path} is closed")
+        lsn = self.position.lsn
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute(queries.INSERT_TERM, (term, lsn))
+            db.execute(queries.SET_POSITION, (lsn, term))
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise faults.storage_error(exc, self.path) from exc
+        self.position = dataclasses.replace(self.position, term=term)
+
+    def set_history(self, history: list[tuple[int, int]]) -> None:
+        """Take over a primary's term history (a standby, before it applies changes)."""
+        db = self._db
+        if db is None:
+            raise errors.StorageError(f"the database writer for {self.path} is closed")
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute(queries.CLEAR_TERMS)
+            db.executemany(queries.INSERT_TERM, history)
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise faults.storage_error(exc, self.path) from exc
+
+    def history(self) -> list[tuple[int, int]]:
+        db = self._db
+        if db is None:
+            raise errors.StorageError(f"the database writer for {self.path} is closed")
+        return [(int(t), int(s)) for t, s in db.execute(queries.GET_TERMS)]
 
     def _run_group(
         self,
@@ -204,6 +310,43 @@ class BatchWriter:
         if done and bump is not None:
             self.next_seq = max(self.next_seq, bump + 1)
         return done
+
+
+def _touched(batch: list[Op]) -> tuple[list[str], list[str]]:
+    """The task ids and token ids the successful operations of `batch` changed."""
+    tasks: dict[str, None] = {}
+    tokens: dict[str, None] = {}
+    for op in batch:
+        if op.error is not None or op.replica is not None:
+            continue
+        if op.rows:
+            tasks.update(dict.fromkeys(t.id for t in op.tasks))
+        elif op.plain:
+            if any(op.result or ()):
+                tokens.update(dict.fromkeys(op.tokens))
+        else:
+            for statement, done in zip(op.statements, op.result or (), strict=False):
+                if done:
+                    tasks[str(statement.task_id)] = None
+    return list(tasks), list(tokens)
+
+
+def _columns(db: sqlite3.Connection, table: str) -> tuple[str, ...]:
+    return tuple(str(row[1]) for row in db.execute(f"PRAGMA table_info({table})"))
+
+
+@functools.cache
+def _select(columns: tuple[str, ...], table: str, key: str, count: int) -> str:
+    marks = ", ".join("?" * count)
+    return f"SELECT {', '.join(columns)} FROM {table} WHERE {key} IN ({marks})"
+
+
+@functools.cache
+def _upsert(columns: tuple[str, ...], table: str) -> str:
+    return (
+        f"INSERT OR REPLACE INTO {table} ({', '.join(columns)}) "
+        f"VALUES ({', '.join('?' * len(columns))})"
+    )
 
 
 def _rows_per_statement(shape: queries.UpdateShape) -> int:
