@@ -207,6 +207,9 @@ class InMemoryStore:
         self._ensure_open()
 
     # -- tokens ---------------------------------------------------------------------------
+    async def barrier(self) -> None:
+        self._ensure_open()
+
     async def record_token(self, record: base.TokenRecord) -> None:
         self._ensure_open()
         if record.jti in self._tokens:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+from typing import Any
 
 from aiohttp import web
 
@@ -17,7 +18,10 @@ def build(dispatcher: Dispatcher, *, require_auth: bool = False) -> web.Applicat
     /metrics needs a bearer token of a role allowed to use it."""
     authenticator = _authenticator(dispatcher) if require_auth else middleware.allow_all
     app = web.Application(
-        middlewares=middleware.build(authenticator, _denial_recorder(dispatcher)),
+        middlewares=[
+            *middleware.build(authenticator, _denial_recorder(dispatcher)),
+            _primary_only(dispatcher),
+        ],
         client_max_size=MAX_BODY_BYTES,
     )
     app[routes.DISPATCHER_KEY] = dispatcher
@@ -38,9 +42,44 @@ def build(dispatcher: Dispatcher, *, require_auth: bool = False) -> web.Applicat
     app.router.add_post("/api/v1/tokens", routes.create_token)
     app.router.add_delete("/api/v1/tokens/{jti}", routes.revoke_token)
     app.router.add_get("/api/v1/audit-logs", routes.audit_logs)
+    app.router.add_get("/api/v1/ha/status", routes.ha_status)
+    app.router.add_post("/api/v1/ha/switchover", routes.ha_switchover)
+    app.router.add_post("/api/v1/ha/promote", routes.ha_promote)
     app.router.add_get("/health", routes.health)
     app.router.add_get("/ready", routes.ready)
     return app
+
+
+ANY_ROLE_PATHS = ("/api/v1/ha/", "/api/v1/openapi.json", "/health", "/ready", "/metrics")
+
+
+def _primary_only(dispatcher: Dispatcher) -> Any:
+    """Only the primary serves tasks, workers, stats, tokens and audit: a standby (or a
+    primary handing over) answers 503 with where the primary is, so clients move on.
+    Every response says the node's role and term (X-Octaskly-Role, X-Octaskly-Term)."""
+
+    @web.middleware
+    async def gate(request: web.Request, handler: middleware.Handler) -> web.StreamResponse:
+        ha = dispatcher.ha
+        headers = {"X-Octaskly-Role": dispatcher.role, "X-Octaskly-Term": str(ha.term)}
+        if (dispatcher.role != "primary" or ha.switching) and not request.path.startswith(
+            ANY_ROLE_PATHS
+        ):
+            if dispatcher.role != "primary":
+                where = ha.primary_address
+                message = (
+                    f"this dispatcher is a standby (term {ha.term}); the primary is "
+                    f"{'at P2P ' + where if where else 'unknown'}: use its API"
+                )
+            else:
+                message = "this dispatcher is handing over to its standby; retry there"
+            return middleware.error_response(503, message, headers={"Retry-After": "1", **headers})
+        response = await handler(request)
+        if not response.prepared:
+            response.headers.update(headers)
+        return response
+
+    return gate
 
 
 def _authenticator(dispatcher: Dispatcher) -> middleware.Authenticator:

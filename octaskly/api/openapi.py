@@ -341,6 +341,61 @@ def document() -> dict[str, Any]:
                     "responses": {"200": _resp("a page of entries", obj), **_ERRORS},
                 }
             },
+            "/api/v1/ha/status": {
+                "get": {
+                    "summary": "Role, term, replication state and lag, failover state "
+                    "(admin, dispatcher); answered by primary and standby alike",
+                    "responses": {"200": _resp("the node's HA status", obj), **_ERRORS},
+                }
+            },
+            "/api/v1/ha/switchover": {
+                "post": {
+                    "summary": "Hand the primary role to the connected standby with no "
+                    "acknowledged write lost (admin; on the primary)",
+                    "requestBody": {
+                        "required": False,
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "properties": {
+                                        "timeout": {"type": "number", "minimum": 1, "maximum": 600}
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    "responses": {
+                        "200": _resp("the new term and primary", obj),
+                        "409": _resp("not the primary, or no standby", _ref("Error")),
+                        **_ERRORS,
+                    },
+                }
+            },
+            "/api/v1/ha/promote": {
+                "post": {
+                    "summary": "Promote this standby to primary of the next term (admin; "
+                    "force: even if it may lack acknowledged writes)",
+                    "requestBody": {
+                        "required": False,
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "properties": {"force": {"type": "boolean"}},
+                                }
+                            }
+                        },
+                    },
+                    "responses": {
+                        "200": _resp("the new role and term", obj),
+                        "409": _resp("already primary, or stale", _ref("Error")),
+                        **_ERRORS,
+                    },
+                }
+            },
             "/api/v1/openapi.json": {
                 "get": {"summary": "This document", "responses": {"200": _resp("OpenAPI 3.1", obj)}}
             },

@@ -332,15 +332,67 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def ready(request: web.Request) -> web.Response:
+    """200 only on the node that accepts writes: the primary, not mid-switchover."""
     dispatcher = _dispatcher(request)
-    role = dispatcher.options.role
+    role, term = dispatcher.role, dispatcher.ha.term
     try:
         await dispatcher.store.check()
     except Exception as exc:
-        return _json({"ready": False, "role": role, "message": str(exc)}, 503)
+        return _json({"ready": False, "role": role, "term": term, "message": str(exc)}, 503)
     if role != "primary":
-        return _json({"ready": False, "role": role, "message": "not the primary"}, 503)
-    return _json({"ready": True, "role": role})
+        message = f"not the primary (the primary is {dispatcher.ha.primary_address or 'unknown'})"
+        return _json({"ready": False, "role": role, "term": term, "message": message}, 503)
+    if dispatcher.ha.switching:
+        message = "switching over to the standby"
+        return _json({"ready": False, "role": role, "term": term, "message": message}, 503)
+    return _json({"ready": True, "role": role, "term": term})
+
+
+# -- high availability ---------------------------------------------------------------------------
+async def ha_status(request: web.Request) -> web.Response:
+    middleware.require(request, CLUSTER, "see the high-availability status")
+    _check_query(request, set())
+    return _json(_dispatcher(request).ha.status())
+
+
+async def ha_switchover(request: web.Request) -> web.Response:
+    principal = middleware.require(request, ADMIN, "switch the primary over")
+    raw = await _body(request) if request.can_read_body else {}
+    if not isinstance(raw, dict) or not set(raw) <= {"timeout"}:
+        raise HTTPProblem(400, 'expected {"timeout"?: seconds}', field="body")
+    timeout = raw.get("timeout", 30)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 1 <= timeout <= 600:
+        raise HTTPProblem(400, "timeout: a number of seconds, 1-600", field="timeout")
+    dispatcher = _dispatcher(request)
+    _audit_ha(request, principal, "switchover requested", {})
+    return _json(await dispatcher.ha.switchover(float(timeout)))
+
+
+async def ha_promote(request: web.Request) -> web.Response:
+    principal = middleware.require(request, ADMIN, "promote a standby")
+    raw = await _body(request) if request.can_read_body else {}
+    if not isinstance(raw, dict) or not set(raw) <= {"force"}:
+        raise HTTPProblem(400, 'expected {"force"?: true|false}', field="body")
+    force = raw.get("force", False)
+    if not isinstance(force, bool):
+        raise HTTPProblem(400, "force: true or false", field="force")
+    dispatcher = _dispatcher(request)
+    _audit_ha(request, principal, "promotion requested", {"force": force})
+    reason = f"promoted by {principal.subject or 'an admin'} through the API"
+    term = await dispatcher.ha.promote(reason, force=force)
+    return _json({"role": dispatcher.role, "term": term})
+
+
+def _audit_ha(
+    request: web.Request, principal: middleware.Principal, what: str, details: dict[str, Any]
+) -> None:
+    _dispatcher(request).audit.record(
+        "config_change",
+        action=what,
+        actor=principal.subject,
+        details=details,
+        source_ip=request.remote,
+    )
 
 
 # -- tokens (admin) ---------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from octaskly.cli import tokens_cmd
 from octaskly.config import settings as config_settings
 from octaskly.domain import models
 from octaskly.protocol import messages
-from octaskly.services import auditing
+from octaskly.services import auditing, ha
 from octaskly.services import dispatcher as dispatching
 from octaskly.services import worker as working
 from octaskly.store import sqlite
@@ -85,11 +85,25 @@ def dispatcher_options(settings: config_settings.Settings, secret: bytes) -> dis
         keepalive_interval=settings.performance.keepalive_interval,
         connection_timeout=settings.performance.connection_timeout,
         output_limit=settings.worker.output_limit_kb * 1024,
-        role=settings.dispatcher.role,
+        ha=ha_options(settings),
         audit_path=(
             settings.data_dir() / auditing.FILE if settings.security.audit_logging else None
         ),
         audit_retention_days=settings.storage.log_retention_days,
+    )
+
+
+def ha_options(settings: config_settings.Settings) -> ha.Options:
+    d = settings.dispatcher
+    return ha.Options(
+        role=d.role,
+        primary_addr=d.primary_addr,
+        replication=d.replication,
+        failover_timeout=d.failover_timeout,
+        auto_failover=d.auto_failover,
+        connect_timeout=min(5.0, settings.performance.connection_timeout),
+        name=d.node_name or f"{socket.gethostname()}:{settings.network.port}",
+        state_dir=settings.data_dir(),
     )
 
 
@@ -135,7 +149,6 @@ def _refuse_unavailable(settings: config_settings.Settings) -> None:
     """Settings of features this version does not have yet fail loudly, never silently."""
     unavailable = {
         "db_url (PostgreSQL)": settings.storage.db_url is not None,
-        "role = standby": settings.dispatcher.role == "standby",
     }
     for what, requested in unavailable.items():
         if requested:
@@ -172,7 +185,10 @@ async def ensure_admin_token(dispatcher: dispatching.Dispatcher, data_dir: Path)
             os.chmod(path, 0o600)
             return
     token, claims = await dispatcher.tokens.issue(
-        subject="local-admin", role="admin", ttl=ADMIN_TOKEN_TTL
+        subject="local-admin",
+        role="admin",
+        ttl=ADMIN_TOKEN_TTL,
+        record=dispatcher.role == "primary",  # a standby must not write
     )
     files.write_private(path, (token + "\n").encode())
     dispatcher.audit.record(
@@ -284,6 +300,7 @@ async def _start_locked(
     db_path = settings.db_file()
     store = sqlite.SQLiteStore(db_path, synchronous=settings.storage.sqlite_synchronous)
     dispatcher = dispatching.Dispatcher(options=dispatcher_options(settings, secret), store=store)
+    dispatcher.ha.p2p_port = settings.network.port
     await dispatcher.start()
     net = settings.network
     try:
@@ -292,6 +309,7 @@ async def _start_locked(
         await dispatcher.stop()  # its writer thread would keep the process alive
         raise
     api_port = runner.addresses[0][1] if runner.addresses else net.api_port
+    dispatcher.ha.p2p_port = listener.port
     log.info(
         "dispatcher ready: P2P %s:%d (TLS over TCP%s), API %s://%s:%d, database %s",
         net.bind_address,

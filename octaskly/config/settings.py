@@ -261,6 +261,26 @@ class DispatcherSettings(_Table):
     replication: Literal["sync", "async"] = Field(
         default="async", description="sync: acknowledge a task only once the standby has it"
     )
+    failover_timeout: float = Field(
+        default=5.0,
+        ge=1,
+        le=600,
+        allow_inf_nan=False,
+        description="Seconds without the primary before a standby may promote itself",
+    )
+    auto_failover: bool = Field(
+        default=True,
+        description="Whether a standby promotes itself (false: only `octaskly ha promote`, "
+        "e.g. when an operator holds the leadership lease)",
+    )
+    node_name: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9._@:\-]+$",
+        description="This dispatcher's name among its peers (default: HOSTNAME:PORT)",
+        examples=["dispatcher-a"],
+    )
 
     @pydantic.field_validator("primary_addr")
     @classmethod

@@ -2,8 +2,18 @@
 
 Handshake: the dispatcher sends `challenge`; the worker answers `hello` with a proof that
 it knows the cluster key; the dispatcher answers `welcome` with its own proof (or `reject`
-and closes). After that, the worker sends `heartbeat`, `output` and `result`; the
-dispatcher sends `assign`, `cancel` and `result_ack`.
+and closes, or `redirect` when it is not the primary). After that, the worker sends
+`heartbeat`, `output` and `result`; the dispatcher sends `assign`, `cancel`, `result_ack`
+and `state` (its term, once a second: the worker's sign of life from the primary).
+
+High availability: a worker also keeps a `witness` session (hello with purpose "witness")
+with each other dispatcher it knows, reporting whether it still reaches the primary; a
+standby promotes itself only if most witnesses lost the primary too. Every welcome,
+redirect and state carries the sender's term: a worker never works for a lower term than
+one it has seen. A standby dispatcher opens a replication session with `replica_hello`;
+the primary answers `replica_welcome`, then sends `snapshot` chunks (when the standby
+cannot continue from its position), `changes` and `replica_state`; the standby answers
+`replica_ack` with the last transaction it has on disk.
 
 Every run of a task carries its attempt number, a lease: a message about an attempt the
 dispatcher already gave up on is answered with `cancel` and otherwise ignored.
@@ -18,7 +28,9 @@ import pydantic
 from octaskly import errors
 from octaskly.domain import models
 
-PROTOCOL_VERSION = 3  # 2: proofs bound to the TLS certificate; 3: assignments carry all limits
+# 2: proofs bound to the TLS certificate; 3: assignments carry all limits; 4: HA (terms,
+# redirects, witnesses, replication)
+PROTOCOL_VERSION = 4
 _ID = pydantic.Field(min_length=1, max_length=200)
 _HEX = pydantic.Field(min_length=32, max_length=128, pattern=r"^[0-9a-f]+$")
 
@@ -38,10 +50,15 @@ class Challenge(_Message):
     nonce: Annotated[str, _HEX]
 
 
+_NAME = pydantic.Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._@:\-]+$")
+_ADDR = pydantic.Field(min_length=3, max_length=300, pattern=r"^[^\s,]+:[0-9]{1,5}$")
+_TERM = pydantic.Field(default=0, ge=0, le=2**62)
+
+
 class Hello(_Message):
     type: Literal["hello"] = "hello"
     protocol: int
-    name: str = pydantic.Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._@:\-]+$")
+    name: str = _NAME
     instance: Annotated[str, _HEX]
     nonce: Annotated[str, _HEX]
     proof: Annotated[str, _HEX]
@@ -51,6 +68,11 @@ class Hello(_Message):
     sandbox_level: models.SandboxLevel
     running: list[RunRef] = pydantic.Field(default_factory=list, max_length=10000)
     finished: list[RunRef] = pydantic.Field(default_factory=list, max_length=100000)
+    purpose: Literal["work", "witness"] = "work"
+    term: int = _TERM
+    """The highest term this worker has seen (0: none yet)."""
+    primary: Annotated[str, _ADDR] | None = None
+    """Where the primary of that term was reached."""
 
 
 class Welcome(_Message):
@@ -59,6 +81,45 @@ class Welcome(_Message):
     proof: Annotated[str, _HEX]
     keepalive_interval: float
     abort: list[RunRef] = pydantic.Field(default_factory=list)
+    term: int = _TERM
+    role: Literal["primary", "standby"] = "primary"
+    dispatchers: list[Annotated[str, _ADDR]] = pydantic.Field(default_factory=list, max_length=16)
+    """Other dispatchers of this cluster (P2P HOST:PORT), for failover and witnessing."""
+
+
+class Redirect(_Message):
+    """Not the primary: go to `primary` (when known). Sent instead of a welcome."""
+
+    type: Literal["redirect"] = "redirect"
+    term: int = _TERM
+    primary: Annotated[str, _ADDR] | None = None
+    reason: str = pydantic.Field(max_length=1000)
+
+
+class State(_Message):
+    """The dispatcher's role and term (to workers, once a second, and to witnesses when
+    they change)."""
+
+    type: Literal["state"] = "state"
+    term: int = _TERM
+    role: Literal["primary", "standby"]
+    lsn: int = pydantic.Field(default=0, ge=0)
+    standby_synced: bool | None = None
+    """Whether a standby holds every acknowledged write (None: no standby configured)."""
+    dispatchers: list[Annotated[str, _ADDR]] = pydantic.Field(default_factory=list, max_length=16)
+
+
+class Witness(_Message):
+    """A worker's view of the primary, sent to the other dispatchers it knows."""
+
+    type: Literal["witness"] = "witness"
+    term: int = _TERM
+    primary: Annotated[str, _ADDR] | None = None
+    reachable: bool
+    silent_for: float = pydantic.Field(ge=0, le=1e9)
+    """Seconds since the worker last heard from the primary."""
+    primary_lsn: int = pydantic.Field(default=0, ge=0)
+    standby_synced: bool | None = None
 
 
 class Reject(_Message):
@@ -126,9 +187,96 @@ class ResultAck(_Message):
     attempt: int
 
 
-WorkerMessage = Annotated[Hello | Heartbeat | Output | Result, pydantic.Field(discriminator="type")]
+class PositionModel(_Message):
+    db_id: str = pydantic.Field(max_length=64)
+    term: int = pydantic.Field(ge=0, le=2**62)
+    lsn: int = pydantic.Field(ge=0, le=2**62)
+
+
+class ReplicaHello(_Message):
+    """A standby (or a restarted dispatcher checking its peer) asks to replicate."""
+
+    type: Literal["replica_hello"] = "replica_hello"
+    protocol: int
+    name: str = _NAME
+    nonce: Annotated[str, _HEX]
+    proof: Annotated[str, _HEX]
+    version: str = pydantic.Field(max_length=64)
+    position: PositionModel
+    port: int = pydantic.Field(ge=1, le=65535)
+    """The P2P port the standby listens on (its address is the connection's source)."""
+
+
+class ReplicaWelcome(_Message):
+    type: Literal["replica_welcome"] = "replica_welcome"
+    proof: Annotated[str, _HEX]
+    term: int = pydantic.Field(ge=1)
+    history: list[tuple[int, int]] = pydantic.Field(max_length=100000)
+    mode: Literal["stream", "snapshot"]
+    sync: bool
+    advertise: Annotated[str, _ADDR] | None = None
+    """How the standby is reached (for the other side's records)."""
+
+
+class Snapshot(_Message):
+    type: Literal["snapshot"] = "snapshot"
+    data: str = pydantic.Field(max_length=8 * 1024 * 1024)
+    """Base64 of the next piece of the database file."""
+    done: bool = False
+    position: PositionModel | None = None
+
+
+class Changes(_Message):
+    type: Literal["changes"] = "changes"
+    changes: list[dict[str, Any]] = pydantic.Field(max_length=100000)
+    lsn: int = pydantic.Field(ge=0)
+    synced: bool
+
+
+class ReplicaState(_Message):
+    type: Literal["replica_state"] = "replica_state"
+    term: int = pydantic.Field(ge=1)
+    lsn: int = pydantic.Field(ge=0)
+    synced: bool
+    at: float
+
+
+class ReplicaAck(_Message):
+    type: Literal["replica_ack"] = "replica_ack"
+    lsn: int = pydantic.Field(ge=0)
+
+
+class Switchover(_Message):
+    """The primary hands over: promote to `term` once you have applied `lsn`."""
+
+    type: Literal["switchover"] = "switchover"
+    term: int = pydantic.Field(ge=2)
+    lsn: int = pydantic.Field(ge=0)
+
+
+class SwitchoverDone(_Message):
+    type: Literal["switchover_done"] = "switchover_done"
+    term: int = pydantic.Field(ge=2)
+
+
+WorkerMessage = Annotated[
+    Hello | Heartbeat | Output | Result | Witness | ReplicaHello | ReplicaAck | SwitchoverDone,
+    pydantic.Field(discriminator="type"),
+]
 DispatcherMessage = Annotated[
-    Challenge | Welcome | Reject | Assign | Cancel | ResultAck,
+    Challenge
+    | Welcome
+    | Reject
+    | Redirect
+    | State
+    | Assign
+    | Cancel
+    | ResultAck
+    | ReplicaWelcome
+    | Snapshot
+    | Changes
+    | ReplicaState
+    | Switchover,
     pydantic.Field(discriminator="type"),
 ]
 _worker_adapter: pydantic.TypeAdapter[WorkerMessage] = pydantic.TypeAdapter(WorkerMessage)

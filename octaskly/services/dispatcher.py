@@ -11,6 +11,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -22,7 +23,8 @@ import psutil
 
 from octaskly import __version__, errors
 from octaskly.domain import models, queueing, scheduling
-from octaskly.services import auditing, live, peering, tokens
+from octaskly.protocol import messages
+from octaskly.services import auditing, ha, live, peering, tokens
 from octaskly.store import base as store_base
 
 log = logging.getLogger(__name__)
@@ -48,7 +50,8 @@ class Options:
     output_limit: int = 1 << 20
     policy: scheduling.Policy = dataclasses.field(default_factory=scheduling.Policy)
     queue_window: int = 4096
-    role: str = "primary"
+    ha: ha.Options = dataclasses.field(default_factory=ha.Options)
+    """Role, replication and failover (see services.ha)."""
     audit_path: Path | None = None
     """Where the audit log goes (`<data dir>/logs/audit.log`); None: audit logging off."""
     audit_retention_days: int | None = None
@@ -86,10 +89,14 @@ class Dispatcher:
         self.audit = auditing.AuditLog(options.audit_path, options.secret_key)
         self.tokens = tokens.Tokens(options.secret_key, store, clock)
         self.peers = peering.Peers(self)
+        self.ha = ha.HA(self, options.ha)
         self.queued_count = 0
         self.started_at = clock()
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._primary_tasks: list[asyncio.Task[None]] = []
+        self._stepping_down = False
+        self._tokens_reload: asyncio.Task[None] | None = None
         self._due_handle: asyncio.TimerHandle | None = None
         self._process = psutil.Process()
         self._process.cpu_percent(None)
@@ -97,18 +104,83 @@ class Dispatcher:
         self.stopped = asyncio.Event()
 
     # -- lifecycle ----------------------------------------------------------------
+    @property
+    def role(self) -> str:
+        """"primary" (serves) or "standby" (replicates; the API answers 503)."""
+        return self.ha.role
+
     async def start(self) -> None:
         self.audit.open()
         await self.store.open()
         await self.tokens.load()
+        await self.ha.start()
+        if self.options.audit_path is not None and self.options.audit_retention_days:
+            self.spawn(self._prune_audit_forever(), "audit-retention")
+
+    async def start_primary(self) -> None:
+        """Serve as the primary: recover what was running, schedule, watch heartbeats."""
+        self._stepping_down = False
+        self.queue = queueing.TaskQueue(window=self.options.queue_window)
+        self.runs.clear()
+        self.outputs.clear()
         counts = await self.store.count_by_status()
         await self._recover_running()
         self.queued_count = counts[QUEUED] + counts[RUNNING]
-        self._spawn(self._schedule_forever(), "scheduler")
-        self._spawn(self.peers.reap_forever(), "heartbeat-reaper")
-        if self.options.audit_path is not None and self.options.audit_retention_days:
-            self._spawn(self._prune_audit_forever(), "audit-retention")
+        self._primary_tasks = [
+            self.spawn(self._schedule_forever(), "scheduler"),
+            self.spawn(self.peers.reap_forever(), "heartbeat-reaper"),
+            self.spawn(self.peers.announce_forever(), "state-announcer"),
+        ]
         self.wake()
+
+    async def stop_primary(self, redirect: messages.Redirect) -> None:
+        """Stop serving (stepping down to standby): finish the scheduling round in hand,
+        send workers to `redirect`, flush every write. Runs stay `running` in the database:
+        the next primary re-attaches them when their workers reconnect."""
+        self._stepping_down = True
+        scheduler, *others = self._primary_tasks or [None]
+        for task in others:
+            if task is not None:
+                task.cancel()
+        if scheduler is not None:
+            self.wake()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(scheduler), 5.0)
+            scheduler.cancel()
+        tasks = [t for t in self._primary_tasks if t is not None]
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for task in tasks:
+            with contextlib.suppress(ValueError):
+                self._tasks.remove(task)
+        self._primary_tasks = []
+        await self.peers.close_all(redirect)
+        await self.store.barrier()
+        if self._due_handle:
+            self._due_handle.cancel()
+            self._due_handle = None
+        self.queue = queueing.TaskQueue(window=self.options.queue_window)
+        for out in self.outputs.values():
+            out.close()
+        self.runs.clear()
+        self.outputs.clear()
+        self.queued_count = 0
+
+    async def replace_store(self, store: store_base.Store) -> None:
+        """A standby installed a snapshot: use the new database from now on."""
+        self.store = store
+        self.tokens.use_store(store)
+        await self.tokens.load()
+
+    def reload_tokens_soon(self) -> None:
+        """Replicated token changes (revocations) take effect on this standby too."""
+        if self._tokens_reload is None or self._tokens_reload.done():
+            self._tokens_reload = asyncio.get_running_loop().create_task(self.tokens.load())
+
+    async def replicated(self) -> None:
+        """With sync replication, wait until the standby has every write made so far."""
+        source = self.ha.source
+        if source is not None and source.sync:
+            await source.wait(self.store.position.lsn)  # type: ignore[attr-defined]
 
     async def _prune_audit_forever(self) -> None:
         days = self.options.audit_retention_days
@@ -119,13 +191,15 @@ class Dispatcher:
                 log.info("audit log: pruned %d entries older than %d days", pruned, days)
             await asyncio.sleep(3600)
 
-    def _spawn(self, coro: Any, name: str) -> None:
+    def spawn(self, coro: Any, name: str) -> asyncio.Task[None]:
+        """Run a background task that must not end while the dispatcher runs."""
         task = asyncio.get_running_loop().create_task(coro, name=f"octaskly-{name}")
         task.add_done_callback(self._on_side_task_done)
         self._tasks.append(task)
+        return task
 
     def _on_side_task_done(self, task: asyncio.Task[None]) -> None:
-        if task.cancelled():
+        if task.cancelled() or (task in self._primary_tasks and self._stepping_down):
             return
         exc = task.exception()
         self.failure = exc or RuntimeError(f"{task.get_name()} ended unexpectedly")
@@ -139,6 +213,9 @@ class Dispatcher:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        if self._tokens_reload is not None:
+            self._tokens_reload.cancel()
+        await self.ha.stop()
         await self.peers.close_all()
         await self.store.close()
         self.audit.close()
@@ -162,7 +239,12 @@ class Dispatcher:
                 for t in running
             ]
         )
-        log.info("re-queued %d tasks that were running before the restart", len(running))
+        log.info(
+            "re-queued %d tasks found running (after a restart or failover); their workers "
+            "have %gs to report back before they run again",
+            len(running),
+            2 * self.options.keepalive_interval,
+        )
 
     # -- submitting -----------------------------------------------------------------
     async def submit(
@@ -211,6 +293,7 @@ class Dispatcher:
             task.queue_seq = seq
             self.queue.push_new(_candidate(task))
         self.wake()
+        await self.replicated()  # sync replication: acknowledged once the standby has it
         return tasks, True
 
     async def _find_idempotent(
@@ -287,6 +370,7 @@ class Dispatcher:
                 self.queue.remove(task_id)
                 self.queued_count -= 1
             self.watchers.notify(task_id)
+            await self.replicated()
             return await self.get(task_id)
         raise errors.TemporaryError(f"task {task_id} keeps changing state; retry", delay=0.1)
 
@@ -338,9 +422,11 @@ class Dispatcher:
         self._wake.set()
 
     async def _schedule_forever(self) -> None:
-        while True:
+        while not self._stepping_down:
             await self._wake.wait()
             self._wake.clear()
+            if self._stepping_down:
+                return
             await self.schedule_once()
 
     async def schedule_once(self) -> int:
@@ -571,6 +657,8 @@ class Dispatcher:
 
     async def on_lost(self, runs: Sequence[Run], reason: str) -> None:
         """Runs whose worker went away go back to the queue (or fail if lost too often)."""
+        if self._stepping_down:
+            return  # the next primary re-attaches them (or re-queues them after a grace)
         updates, requeue = [], []
         for run in runs:
             if self.runs.get(run.task_id) is not run:
@@ -662,14 +750,34 @@ class Dispatcher:
                 "total_tasks": sum(counts.values()),
                 "disk_size_mb": round(await self.store.size_bytes() / (1024 * 1024), 3),
             },
+            "ha": self.ha_summary(),
         }
 
     def health(self) -> dict[str, Any]:
-        return {
-            "status": "healthy",
+        """Liveness facts; status "degraded" (still 200) when replication is impaired."""
+        degraded = self.ha.degraded()
+        out = {
+            "status": "degraded" if degraded else "healthy",
             "version": __version__,
             "uptime_seconds": int(self.clock() - self.started_at),
-            "role": self.options.role,
+            "role": self.role,
+            "term": self.ha.term,
+        }
+        if degraded:
+            out["degraded_reason"] = degraded
+        return out
+
+    def ha_summary(self) -> dict[str, Any]:
+        status = self.ha.status()
+        replication = status.get("replication") or {}
+        return {
+            "role": status["role"],
+            "term": status["term"],
+            "degraded": status.get("degraded"),
+            "replication": replication.get("mode"),
+            "synced": replication.get("synced"),
+            "lag_records": replication.get("lag_records", 0),
+            "lag_seconds": replication.get("lag_seconds", 0.0),
         }
 
 

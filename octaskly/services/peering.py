@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from octaskly.services.dispatcher import Dispatcher, Run
 
 log = logging.getLogger(__name__)
+STATE_INTERVAL = 1.0
 
 
 @dataclasses.dataclass(eq=False)
@@ -46,6 +47,7 @@ class Peers:
         self._key = auth.derive_auth_key(dispatcher.options.secret_key)
         self.sessions: dict[str, Session] = {}
         self._handlers: set[asyncio.Task[Any]] = set()
+        self._work_handlers: set[asyncio.Task[Any]] = set()
         # A worker's runs being re-queued after it left: its reconnect waits for that.
         self._leaving: dict[str, asyncio.Future[None]] = {}
 
@@ -135,31 +137,143 @@ class Peers:
 
     # -- connections ---------------------------------------------------------------------
     async def handle(self, conn: transport.Connection) -> None:
-        """Serve one worker connection from handshake to close."""
+        """Serve one P2P connection from handshake to close: a worker, a worker's witness
+        session, or a standby dispatcher."""
         task = asyncio.current_task()
         if task is not None:
             self._handlers.add(task)
         try:
-            session = await self._admit(conn)
-            if session is not None:
-                await self._serve(session)
+            nonce = auth.new_nonce()
+            await conn.send(
+                messages.to_wire(
+                    messages.Challenge(protocol=messages.PROTOCOL_VERSION, nonce=nonce)
+                )
+            )
+            raw = await asyncio.wait_for(conn.recv(), self._d.options.connection_timeout)
+            if raw is None:
+                return
+            hello = messages.parse_worker_message(raw)
+            if isinstance(hello, messages.ReplicaHello):
+                if await self._check_replica(conn, hello, nonce):
+                    await self._d.ha.accept_replica(conn, hello, nonce)
+            elif not isinstance(hello, messages.Hello):
+                raise errors.ProtocolError(f"expected hello, got {hello.type}")
+            elif hello.purpose == "witness":
+                await self._witness(conn, hello, nonce)
+            else:
+                if task is not None:
+                    self._work_handlers.add(task)
+                session = await self._admit(conn, hello, nonce)
+                if session is not None:
+                    await self._serve(session)
         except (errors.ProtocolError, ConnectionError, TimeoutError, OSError) as exc:
             log.warning("dropping P2P connection from %s: %s", conn.peer, exc or type(exc).__name__)
         finally:
             if task is not None:
                 self._handlers.discard(task)
+                self._work_handlers.discard(task)
 
-    async def _admit(self, conn: transport.Connection) -> Session | None:
-        nonce = auth.new_nonce()
-        await conn.send(
-            messages.to_wire(messages.Challenge(protocol=messages.PROTOCOL_VERSION, nonce=nonce))
+    async def _check_replica(
+        self, conn: transport.Connection, hello: messages.ReplicaHello, nonce: str
+    ) -> bool:
+        """A dispatcher asking to replicate must prove the cluster key too."""
+        refusal = None
+        if hello.protocol != messages.PROTOCOL_VERSION:
+            refusal = f"unsupported protocol version {hello.protocol}"
+        elif not self._proof_ok(hello.name, hello.nonce, hello.proof, nonce, conn.binding):
+            refusal = "authentication failed: the dispatcher does not have this cluster's key"
+        if refusal is None:
+            return True
+        log.warning("refused standby %r from %s: %s", hello.name, conn.peer, refusal)
+        self._d.audit.record(
+            "standby_rejected",
+            action="replicate",
+            severity="warning",
+            actor=hello.name,
+            details={"reason": refusal},
+            source_ip=auditing.source_ip(conn.peer),
         )
-        raw = await asyncio.wait_for(conn.recv(), self._d.options.connection_timeout)
-        if raw is None:
+        await conn.send(messages.to_wire(messages.Reject(reason=refusal)))
+        return False
+
+    def _proof_ok(self, name: str, worker_nonce: str, proof: str, nonce: str, binding: bytes) -> bool:
+        expected = auth.worker_proof(
+            self._key, dispatcher_nonce=nonce, worker_nonce=worker_nonce, name=name, binding=binding
+        )
+        return auth.verify(expected, proof)
+
+    def _welcome(
+        self, conn: transport.Connection, hello: messages.Hello, nonce: str, **fields: Any
+    ) -> messages.Welcome:
+        ha = self._d.ha
+        return messages.Welcome(
+            worker_id=hello.name,
+            proof=auth.dispatcher_proof(
+                self._key,
+                dispatcher_nonce=nonce,
+                worker_nonce=hello.nonce,
+                worker_id=hello.name,
+                binding=conn.binding,
+            ),
+            keepalive_interval=self._d.options.keepalive_interval,
+            term=ha.term,
+            role="primary" if ha.role == "primary" else "standby",
+            dispatchers=ha.peers() if ha.enabled else [],
+            **fields,
+        )
+
+    async def _witness(self, conn: transport.Connection, hello: messages.Hello, nonce: str) -> None:
+        """A worker reports, about once a second, whether it reaches the primary."""
+        ha = self._d.ha
+        if not self._proof_ok(hello.name, hello.nonce, hello.proof, nonce, conn.binding):
+            await conn.send(messages.to_wire(messages.Reject(reason="authentication failed")))
+            return
+        await conn.send(messages.to_wire(self._welcome(conn, hello, nonce)))
+        if hello.term > ha.term:
+            ha.observe_term(hello.term, hello.primary)
+        ha.witness_conns.add(conn)
+        try:
+            while True:
+                raw = await asyncio.wait_for(conn.recv(), self._d.options.connection_timeout)
+                if raw is None:
+                    return
+                report = messages.parse_worker_message(raw)
+                if not isinstance(report, messages.Witness):
+                    raise errors.ProtocolError(f"expected witness, got {report.type}")
+                ha.on_witness(hello.name, report)
+        finally:
+            ha.witness_conns.discard(conn)
+
+    async def _admit(
+        self, conn: transport.Connection, hello: messages.Hello, nonce: str
+    ) -> Session | None:
+        ha = self._d.ha
+        if ha.role != "primary" or ha.switching:
+            if self._proof_ok(hello.name, hello.nonce, hello.proof, nonce, conn.binding):
+                if hello.term > ha.term:
+                    ha.observe_term(hello.term, hello.primary)
+                primary = None if ha.role == "primary" else ha.primary_address
+                await conn.send(
+                    messages.to_wire(
+                        messages.Redirect(
+                            term=ha.term, primary=primary, reason=f"{ha.name} is not the primary"
+                        )
+                    )
+                )
+                return None
+        elif hello.term > ha.term and self._proof_ok(
+            hello.name, hello.nonce, hello.proof, nonce, conn.binding
+        ):
+            # this worker has seen a newer primary: we are the stale one
+            ha.observe_term(hello.term, hello.primary)
+            await conn.send(
+                messages.to_wire(
+                    messages.Redirect(
+                        term=hello.term, primary=hello.primary, reason="a newer primary exists"
+                    )
+                )
+            )
             return None
-        hello = messages.parse_worker_message(raw)
-        if not isinstance(hello, messages.Hello):
-            raise errors.ProtocolError(f"expected hello, got {hello.type}")
         refusal = self._refusal(hello, nonce, conn.binding)
         if refusal:
             log.warning("refused worker %r from %s: %s", hello.name, conn.peer, refusal)
@@ -177,22 +291,7 @@ class Peers:
         session = Session(hello.name, hello, conn, time.time(), now)
         abort = await self._reconcile(session)
         self.sessions[session.id] = session
-        await conn.send(
-            messages.to_wire(
-                messages.Welcome(
-                    worker_id=session.id,
-                    proof=auth.dispatcher_proof(
-                        self._key,
-                        dispatcher_nonce=nonce,
-                        worker_nonce=hello.nonce,
-                        worker_id=session.id,
-                        binding=conn.binding,
-                    ),
-                    keepalive_interval=self._d.options.keepalive_interval,
-                    abort=abort,
-                )
-            )
-        )
+        await conn.send(messages.to_wire(self._welcome(conn, hello, nonce, abort=abort)))
         self._d.audit.record(
             "worker_joined",
             action="join",
@@ -215,14 +314,7 @@ class Peers:
     def _refusal(self, hello: messages.Hello, nonce: str, binding: bytes) -> str | None:
         if hello.protocol != messages.PROTOCOL_VERSION:
             return f"unsupported protocol version {hello.protocol}"
-        expected = auth.worker_proof(
-            self._key,
-            dispatcher_nonce=nonce,
-            worker_nonce=hello.nonce,
-            name=hello.name,
-            binding=binding,
-        )
-        if not auth.verify(expected, hello.proof):
+        if not self._proof_ok(hello.name, hello.nonce, hello.proof, nonce, binding):
             return "authentication failed: the worker does not have this cluster's secret key"
         whitelist = self._d.options.whitelist
         if whitelist and hello.name not in whitelist:
@@ -296,6 +388,9 @@ class Peers:
 
     async def _on_result(self, session: Session, result: messages.Result) -> None:
         await self._d.on_result(session.id, result)
+        # acknowledged (the worker forgets it) only once durable, with sync replication
+        # on the standby too: a failover right now loses no finished work
+        await self._d.replicated()
         session.send(messages.ResultAck(task_id=result.task_id, attempt=result.attempt))
 
     async def _send_forever(self, session: Session) -> None:
@@ -353,10 +448,33 @@ class Peers:
                     )
                     session.conn.close()
 
-    async def close_all(self) -> None:
-        for session in list(self.sessions.values()):
+    async def announce_forever(self) -> None:
+        """Once a second, tell every worker this primary's term and peers (its sign of
+        life, and how a worker learns of the standby it should witness for)."""
+        while True:
+            await asyncio.sleep(STATE_INTERVAL)
+            if not self.sessions:
+                continue
+            state = self._d.ha.state_message()
+            for session in list(self.sessions.values()):
+                session.send(state)
+
+    async def close_all(self, redirect: messages.Redirect | None = None) -> None:
+        """Close every connection; with `redirect` (stepping down), only the workers'
+        sessions, each told where to go first."""
+        sessions = list(self.sessions.values())
+        if redirect is not None:
+            frame = messages.to_wire(redirect)
+            await asyncio.gather(
+                *(asyncio.wait_for(s.conn.send(frame), 1.0) for s in sessions),
+                return_exceptions=True,
+            )
+        for session in sessions:
             session.conn.close()
-        handlers = list(self._handlers)
+        handlers = list(self._work_handlers if redirect is not None else self._handlers)
+        if redirect is not None and handlers:
+            # workers' handlers end by themselves once their connections closed
+            await asyncio.wait(handlers, timeout=5.0)
         for h in handlers:
             h.cancel()
         await asyncio.gather(*handlers, return_exceptions=True)

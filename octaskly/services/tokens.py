@@ -114,8 +114,19 @@ class Tokens:
     async def load(self) -> None:
         self._revoked = await self._store.revoked_tokens(self._clock())
 
-    async def issue(self, *, subject: str, role: str, ttl: float) -> tuple[str, Claims]:
+    def use_store(self, store: store_base.Store) -> None:
+        """Read and write tokens in `store` from now on (a standby installed a snapshot)."""
+        self._store = store
+
+    async def issue(
+        self, *, subject: str, role: str, ttl: float, record: bool = True
+    ) -> tuple[str, Claims]:
+        """A new signed token; recorded in the database unless `record` is False (a standby,
+        which must not write: the token is valid all the same, like one `token create`
+        signs offline)."""
         token, claims = sign(self._key, subject=subject, role=role, ttl=ttl, now=self._clock())
+        if not record:
+            return token, claims
         await self._store.record_token(
             store_base.TokenRecord(
                 jti=claims.jti,

@@ -3,13 +3,22 @@
 Runs survive a lost connection: the worker reconnects with backoff (rotating through the
 dispatcher addresses it was given), tells the dispatcher which runs it still holds and
 which results are unacknowledged, and re-sends those results. A result is dropped only
-after the dispatcher acknowledged it.
+after the dispatcher acknowledged it (with sync replication: once the standby has it).
+
+High availability: the worker follows the primary. A standby answers its hello with a
+redirect; every welcome and state message carries the dispatcher's term, and the worker
+never works for a lower term than the highest it has seen. It also keeps a witness
+session with every other dispatcher it knows (given, or learnt from the primary), and
+reports there once a second whether it still hears from the primary: a standby promotes
+itself only when most witnesses lost the primary too. A promoted standby tells its
+witnesses at once, and they move their work to it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
 import dataclasses
 import logging
 import os
@@ -27,6 +36,7 @@ from octaskly.transport import p2p
 log = logging.getLogger(__name__)
 FLUSH_SECONDS = 0.05
 FLUSH_BYTES = 64 * 1024
+WITNESS_INTERVAL = 1.0
 _M = TypeVar("_M")
 
 
@@ -98,6 +108,19 @@ class FatalWorkerError(errors.PermanentError):
     """The dispatcher refused this worker for a reason retrying cannot fix."""
 
 
+class _Moved(ConnectionError):
+    """Go to another dispatcher now (a redirect, or a newer primary found): no backoff."""
+
+
+def _addr(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _split(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
 @dataclasses.dataclass(eq=False)
 class _Running:
     assignment: messages.TaskAssignment
@@ -121,6 +144,18 @@ class Worker:
         self.connected = asyncio.Event()
         self.worker_id: str | None = None
         self.completed = 0
+        self.term = 0
+        """The highest dispatcher term seen: never work for a lower one."""
+        self.primary: str | None = None
+        """Where the primary of `term` was reached (HOST:PORT)."""
+        self.known = [_addr(h, p) for h, p in options.dispatcher_addrs]
+        self._preferred: str | None = None
+        self._current: str | None = None
+        self._last_heard = 0.0
+        self._primary_lsn = 0
+        self._standby_synced: bool | None = None
+        self._witnesses: dict[str, asyncio.Task[None]] = {}
+        self._nudge = asyncio.Event()
         # Runs reuse the working directories earlier runs left empty (see executing.workdirs).
         self._workdirs = executing.Workdirs(options.workdir_root, keep=options.max_jobs)
         # Read the environment once: iterating os.environ per task costs more than a spawn.
@@ -135,36 +170,62 @@ class Worker:
         """Serve forever; raises FatalWorkerError if the dispatcher refuses this worker."""
         executing.install_fast_child_watcher()
         delay, index = 0.2, 0
-        addrs = self.options.dispatcher_addrs
+        witnessing = asyncio.create_task(self._witness_forever(), name="octaskly-witnesses")
         try:
             while True:
-                host, port = addrs[index % len(addrs)]
+                if self._preferred is not None:
+                    addr, self._preferred = self._preferred, None
+                else:
+                    addr = self.known[index % len(self.known)]
                 try:
-                    await self._session(host, port)
+                    await self._session(addr)
                     delay = 0.2
                 except FatalWorkerError:
                     raise
+                except _Moved as exc:
+                    log.info("dispatcher %s: %s", addr, exc)
+                    delay = 0.2
+                    continue
                 except (ConnectionError, OSError, TimeoutError, errors.ProtocolError) as exc:
-                    log.warning("dispatcher %s:%d: %s", host, port, exc or type(exc).__name__)
+                    log.warning("dispatcher %s: %s", addr, exc or type(exc).__name__)
                     index += 1
-                await asyncio.sleep(delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._nudge.wait(), delay)  # or a newer primary
+                self._nudge.clear()
                 delay = min(delay * 2, self.options.reconnect_max_delay)
         finally:
+            witnessing.cancel()
+            await asyncio.gather(witnessing, return_exceptions=True)
             await self._shutdown()
 
-    async def _session(self, host: str, port: int) -> None:
+    def _learn(self, addrs: list[str]) -> None:
+        for addr in addrs:
+            if addr not in self.known:
+                log.info("learnt of dispatcher %s", addr)
+                self.known.append(addr)
+
+    def _see_term(self, term: int, primary: str | None) -> None:
+        if term > self.term:
+            self.term = term
+            self.primary = primary
+
+    async def _session(self, addr: str) -> None:
+        host, port = _split(addr)
         conn = await p2p.dial(
             host, port, transport=self.options.transport, timeout=self.options.connect_timeout
         )
         try:
-            welcome = await self._handshake(conn)
-            self._conn, self.worker_id = conn, welcome.worker_id
+            welcome = await self._handshake(conn, addr)
+            self._conn, self.worker_id, self._current = conn, welcome.worker_id, addr
+            self._last_heard = asyncio.get_running_loop().time()
+            self._see_term(welcome.term, addr)
+            self._learn(welcome.dispatchers)
             log.info(
-                "connected to dispatcher %s:%d over %s as %s",
-                host,
-                port,
+                "connected to dispatcher %s over %s as %s (term %d)",
+                addr,
                 conn.kind,
                 welcome.worker_id,
+                welcome.term,
             )
             for ref in welcome.abort:
                 self._cancel(ref.task_id, ref.attempt, reason="dispatcher gave the run away")
@@ -179,11 +240,11 @@ class Worker:
                 await asyncio.gather(beat, return_exceptions=True)
         finally:
             self.connected.clear()
-            self._conn = None
+            self._conn = self._current = None
             conn.close()
             await conn.wait_closed()
 
-    async def _handshake(self, conn: transport.Connection) -> messages.Welcome:
+    async def _handshake(self, conn: transport.Connection, addr: str) -> messages.Welcome:
         timeout = self.options.connect_timeout
         challenge = await self._expect(conn, messages.Challenge, timeout)
         nonce = auth.new_nonce()
@@ -210,9 +271,16 @@ class Worker:
             finished=[
                 messages.RunRef(task_id=r.task_id, attempt=r.attempt) for r in self.unacked.values()
             ],
+            term=self.term,
+            primary=self.primary,
         )
         await conn.send(messages.to_wire(hello))
         welcome = await self._expect(conn, messages.Welcome, timeout)
+        if welcome.term < self.term:
+            raise ConnectionError(
+                f"its term {welcome.term} is older than term {self.term} of primary "
+                f"{self.primary}: not working for it"
+            )
         expected = auth.dispatcher_proof(
             self._key,
             dispatcher_nonce=challenge.nonce,
@@ -233,13 +301,29 @@ class Worker:
             if "already connected" in message.reason:
                 raise ConnectionError(f"refused: {message.reason}")
             raise FatalWorkerError(f"the dispatcher refused this worker: {message.reason}")
+        if isinstance(message, messages.Redirect):
+            self._redirected(message)
         if not isinstance(message, kind):
             raise errors.ProtocolError(f"expected {kind.__name__}, got {message.type}")
         return message
 
+    def _redirected(self, redirect: messages.Redirect) -> None:
+        if redirect.term >= self.term and redirect.primary:
+            self._see_term(redirect.term, redirect.primary)
+            self._learn([redirect.primary])
+            self._preferred = redirect.primary
+            raise _Moved(f"{redirect.reason}; the primary is {redirect.primary}")
+        raise ConnectionError(f"not the primary ({redirect.reason})")
+
     async def _heartbeat(self, conn: transport.Connection, interval: float) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(interval)
+            silent = loop.time() - self._last_heard
+            if silent > self.options.connect_timeout:
+                log.warning("no word from the dispatcher for %.1fs: reconnecting", silent)
+                conn.close()
+                return
             running = [
                 messages.RunRef(task_id=r.assignment.task_id, attempt=r.assignment.attempt)
                 for r in self.running.values()
@@ -247,12 +331,22 @@ class Worker:
             await conn.send(messages.to_wire(messages.Heartbeat(running=running)))
 
     async def _receive(self, conn: transport.Connection) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             raw = await conn.recv()
             if raw is None:
                 raise ConnectionError("dispatcher closed the connection")
+            self._last_heard = loop.time()
             message = messages.parse_dispatcher_message(raw)
-            if isinstance(message, messages.Assign):
+            if isinstance(message, messages.State):
+                if message.term < self.term:
+                    raise ConnectionError(f"its term {message.term} is older than {self.term}")
+                self._see_term(message.term, self._current)
+                self._primary_lsn, self._standby_synced = message.lsn, message.standby_synced
+                self._learn(message.dispatchers)
+            elif isinstance(message, messages.Redirect):
+                self._redirected(message)
+            elif isinstance(message, messages.Assign):
                 self._start(message.task)
             elif isinstance(message, messages.Cancel):
                 self._cancel(message.task_id, message.attempt, reason="cancelled by dispatcher")
@@ -394,6 +488,118 @@ class Worker:
             conn.send_nowait(messages.to_wire(message))
         except (ConnectionError, OSError):
             conn.close()
+
+    # -- witnessing --------------------------------------------------------------------------
+    async def _witness_forever(self) -> None:
+        """Keep a witness session with every known dispatcher but the one we work for."""
+        try:
+            while True:
+                wanted = {a for a in self.known if a != self._current}
+                for addr in list(self._witnesses):
+                    if addr not in wanted:
+                        self._witnesses.pop(addr).cancel()
+                for addr in wanted - set(self._witnesses):
+                    self._witnesses[addr] = asyncio.create_task(
+                        self._witness(addr), name=f"octaskly-witness-{addr}"
+                    )
+                await asyncio.sleep(WITNESS_INTERVAL)
+        finally:
+            tasks = list(self._witnesses.values())
+            self._witnesses.clear()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _witness(self, addr: str) -> None:
+        while True:
+            try:
+                await self._witness_session(addr)
+            except _Moved:
+                pass
+            except (ConnectionError, OSError, TimeoutError, errors.ProtocolError) as exc:
+                log.debug("witness session with %s: %s", addr, exc or type(exc).__name__)
+            await asyncio.sleep(WITNESS_INTERVAL)
+
+    async def _witness_session(self, addr: str) -> None:
+        host, port = _split(addr)
+        timeout = self.options.connect_timeout
+        conn = await p2p.dial(host, port, transport="tcp", timeout=timeout)
+        try:
+            challenge = await self._expect(conn, messages.Challenge, timeout)
+            nonce = auth.new_nonce()
+            await conn.send(
+                messages.to_wire(
+                    messages.Hello(
+                        protocol=messages.PROTOCOL_VERSION,
+                        name=self.options.name,
+                        instance=self.instance,
+                        nonce=nonce,
+                        version=__version__,
+                        resources=self.options.resources,
+                        max_jobs=self.options.max_jobs,
+                        sandbox_level=self.options.sandbox_level,
+                        proof=auth.worker_proof(
+                            self._key,
+                            dispatcher_nonce=challenge.nonce,
+                            worker_nonce=nonce,
+                            name=self.options.name,
+                            binding=conn.binding,
+                        ),
+                        purpose="witness",
+                        term=self.term,
+                        primary=self.primary,
+                    )
+                )
+            )
+            welcome = await self._expect(conn, messages.Welcome, timeout)
+            self._check_newer(addr, welcome.role, welcome.term)
+            reader = asyncio.create_task(self._witness_read(addr, conn))
+            try:
+                loop = asyncio.get_running_loop()
+                while not reader.done():
+                    reachable = self._conn is not None
+                    await conn.send(
+                        messages.to_wire(
+                            messages.Witness(
+                                term=self.term,
+                                primary=self.primary,
+                                reachable=reachable,
+                                silent_for=max(0.0, loop.time() - self._last_heard)
+                                if self._last_heard
+                                else 1e9,
+                                primary_lsn=self._primary_lsn,
+                                standby_synced=self._standby_synced,
+                            )
+                        )
+                    )
+                    await asyncio.wait([reader], timeout=WITNESS_INTERVAL)
+                reader.result()
+            finally:
+                reader.cancel()
+                await asyncio.gather(reader, return_exceptions=True)
+        finally:
+            conn.close()
+            await conn.wait_closed()
+
+    async def _witness_read(self, addr: str, conn: transport.Connection) -> None:
+        while True:
+            raw = await conn.recv()
+            if raw is None:
+                raise ConnectionError("closed")
+            message = messages.parse_dispatcher_message(raw)
+            if isinstance(message, messages.State):
+                self._check_newer(addr, message.role, message.term)
+
+    def _check_newer(self, addr: str, role: str, term: int) -> None:
+        """A dispatcher we witness for is primary of a newer term: work for it now."""
+        if role == "primary" and term > self.term:
+            log.warning("dispatcher %s is primary of term %d: moving there", addr, term)
+            self._see_term(term, addr)
+            self._preferred = addr
+            self._nudge.set()
+            conn = self._conn
+            if conn is not None:
+                conn.close()
 
     async def _shutdown(self) -> None:
         for run in list(self.running.values()):

@@ -123,6 +123,9 @@ class Store(Protocol):
         recovery re-queues anyway). Ordering with later awaited writes is preserved.
         """
 
+    async def barrier(self) -> None:
+        """Return once every write queued before this call is committed (or failed)."""
+
     async def get_task(self, task_id: str) -> models.Task | None: ...
 
     async def get_tasks(self, task_ids: Sequence[str]) -> list[models.Task]:

@@ -172,6 +172,10 @@ class SQLiteStore:
         self._submit(writing.Op(future, plain=statements, tokens=tokens))
         return cast(list[int], await future)
 
+    async def barrier(self) -> None:
+        """Return once every write queued before this call is committed (or failed)."""
+        await self._write_plain([], tokens=[])
+
     async def record_token(self, record: base.TokenRecord) -> None:
         await self._write_plain(
             [(queries.INSERT_TOKEN, queries.token_row(record))], tokens=[record.jti]

@@ -179,7 +179,10 @@ def test_bad_config_exits_2_naming_key_file_and_line(
         ["list", "--status", "weird"],
         ["worker", "--sandbox-level", "paranoid"],
         ["worker", "--transport", "carrier-pigeon"],
-        ["dispatcher", "--role", "standby", "--primary-addr", "127.0.0.1:1"],
+        ["dispatcher", "--role", "standby"],
+        ["dispatcher", "--failover-timeout", "0.5"],
+        ["dispatcher", "--auto-failover", "maybe"],
+        ["dispatcher", "--replication", "semi"],
     ],
 )
 def test_usage_errors_exit_2(tmp_path: Path, args: list[str]) -> None:
