@@ -50,7 +50,14 @@ def build(dispatcher: Dispatcher, *, require_auth: bool = False) -> web.Applicat
     return app
 
 
-ANY_ROLE_PATHS = ("/api/v1/ha/", "/api/v1/openapi.json", "/health", "/ready", "/metrics")
+ANY_ROLE_PATHS = (
+    "/api/v1/ha/status",
+    "/api/v1/ha/promote",
+    "/api/v1/openapi.json",
+    "/health",
+    "/ready",
+    "/metrics",
+)
 
 
 def _primary_only(dispatcher: Dispatcher) -> Any:

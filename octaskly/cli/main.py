@@ -138,6 +138,36 @@ def _client_parsers(sub: argparse._SubParsersAction[_Parser]) -> None:
     p.add_argument("--json", action="store_true")
     add("stats", "Cluster statistics (JSON)")
 
+    p = sub.add_parser(
+        "ha",
+        help="High availability: status of primary and standby, switchover, promote",
+        description="Give every dispatcher's API: --api-url http://a:3000,http://b:3000",
+    )
+    hsub = p.add_subparsers(dest="ha_command", metavar="ACTION", parser_class=_Parser)
+    hsub.required = True
+    for name, text in (
+        ("status", "Role, term, replication mode, sync state and lag of every node given"),
+        ("switchover", "Hand the primary role to the standby, losing nothing (admin)"),
+        ("promote", "Promote the standby now, e.g. when the primary is gone for good (admin)"),
+    ):
+        h = hsub.add_parser(name, help=text, description=text)
+        _with_config(h)
+        loading.add_flags(h, CLIENT_KEYS)
+        h.set_defaults(kind="client", command_name=f"ha-{name}")
+        if name == "status":
+            h.add_argument("--json", action="store_true")
+        elif name == "switchover":
+            h.add_argument(
+                "--timeout", type=float, default=30, help="seconds for the standby to catch up"
+            )
+        else:
+            h.add_argument(
+                "--force",
+                action="store_true",
+                help="promote even a standby that may lack acknowledged writes (it was not "
+                "in sync when the primary was lost)",
+            )
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="octaskly", description="Distributed task runner with a durable queue.")

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import shlex
 import sys
+import time
+import uuid
 from typing import Any, TextIO
 
 from octaskly import errors
@@ -79,7 +82,8 @@ def submit(client: Client, args: argparse.Namespace) -> int:
         requirements["labels"] = _key_values(args.require_label, "--require-label")
     if requirements:
         spec["requirements"] = requirements
-    headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else None
+    # Always a key: a submit retried after a failover (or a lost reply) is then the same task.
+    headers = {"Idempotency-Key": args.idempotency_key or f"cli-{uuid.uuid4().hex}"}
     task = client.call("POST", "/api/v1/tasks", spec, headers)
     if not (args.wait or args.follow):
         print(task["id"])
@@ -90,13 +94,21 @@ def submit(client: Client, args: argparse.Namespace) -> int:
 
 def _await_task(client: Client, task_id: str, *, live: bool) -> int:
     end: dict[str, Any] = {}
-    for event in client.stream(f"/api/v1/tasks/{task_id}/logs?follow=true"):
-        if "stream" in event and live:
-            out = sys.stdout if event["stream"] == "stdout" else sys.stderr
-            out.write(event["data"])
-            out.flush()
-        elif event.get("event") == "end":
-            end = event
+    while not end:
+        try:
+            for event in client.stream(f"/api/v1/tasks/{task_id}/logs?follow=true"):
+                if "stream" in event and live:
+                    out = sys.stdout if event["stream"] == "stdout" else sys.stderr
+                    out.write(event["data"])
+                    out.flush()
+                elif event.get("event") == "end":
+                    end = event
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            if len(client.urls) == 1:
+                raise errors.TemporaryError(f"lost the dispatcher API: {exc}") from None
+            # the dispatcher went away mid-stream (a failover?): find the primary again
+            print(f"lost the dispatcher API ({exc}); looking for the primary", file=sys.stderr)
+            time.sleep(0.5)
     if not live:
         task = client.call("GET", f"/api/v1/tasks/{task_id}")
         sys.stdout.write(task["stdout"])
@@ -212,6 +224,68 @@ def stats(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def ha_status(client: Client, args: argparse.Namespace) -> int:
+    """Every node's view: role, term, replication state and lag, failover state."""
+    views = client.call_each("GET", "/api/v1/ha/status")
+    if args.json:
+        _print_json(
+            [
+                {"api": url, **(body if isinstance(body, dict) else {"error": str(body)})}
+                for url, body in views
+            ]
+        )
+        return 0 if any(isinstance(b, dict) for _, b in views) else 1
+    rows = []
+    for url, body in views:
+        if not isinstance(body, dict):
+            rows.append([url, "-", "-", "-", "-", "-", "-", _short(str(body), 50)])
+            continue
+        rep = body.get("replication") or {}
+        sync = rep.get("mode", "-")
+        if rep:
+            sync += " (in sync)" if rep.get("synced") else " (NOT in sync)"
+        note = body.get("degraded") or (body.get("failover") or {}).get("blocked") or ""
+        rows.append(
+            [
+                url,
+                body["role"],
+                str(body["term"]),
+                str(body.get("lsn", "-")),
+                sync,
+                str(rep.get("lag_records", 0)),
+                f"{rep.get('lag_seconds', 0.0):.3f}",
+                _short(note, 60),
+            ]
+        )
+    headers = ["API", "ROLE", "TERM", "LSN", "REPLICATION", "LAG_RECORDS", "LAG_SECONDS", "NOTE"]
+    print(_table(rows, headers))
+    return 0 if any(isinstance(b, dict) for _, b in views) else 1
+
+
+def ha_switchover(client: Client, args: argparse.Namespace) -> int:
+    body = {"timeout": args.timeout}
+    result = client.call("POST", "/api/v1/ha/switchover", body)
+    print(
+        f"switched over in {result['seconds']}s: the primary is now {result['primary']} "
+        f"(term {result['term']}, at transaction {result['lsn']})"
+    )
+    return 0
+
+
+def ha_promote(client: Client, args: argparse.Namespace) -> int:
+    standbys = [
+        url
+        for url, body in client.call_each("GET", "/api/v1/ha/status")
+        if isinstance(body, dict) and body.get("role") == "standby"
+    ]
+    if not standbys:
+        raise errors.TemporaryError("no standby among the API URLs given (--api-url)")
+    single = Client(standbys[0], token=client.token)
+    result = single.call("POST", "/api/v1/ha/promote", {"force": bool(args.force)})
+    print(f"{standbys[0]} is now {result['role']} of term {result['term']}")
+    return 0
+
+
 COMMANDS = {
     "submit": submit,
     "status": status,
@@ -220,6 +294,9 @@ COMMANDS = {
     "logs": logs,
     "workers": workers,
     "stats": stats,
+    "ha-status": ha_status,
+    "ha-switchover": ha_switchover,
+    "ha-promote": ha_promote,
 }
 
 

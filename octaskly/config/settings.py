@@ -380,7 +380,9 @@ class ApiSettings(_Table):
         default=None, description="TLS private key (PEM)", examples=["/etc/octaskly/tls.key"]
     )
     api_url: str = Field(
-        default="http://127.0.0.1:3000", description="Dispatcher API the client commands use"
+        default="http://127.0.0.1:3000",
+        description="Dispatcher API the client commands use; several, comma-separated "
+        "(primary and standby): the commands find the primary and retry across a failover",
     )
     token: SecretStr | None = Field(
         default=None, description="API token for the client commands", examples=["eyJhbGciOi..."]
@@ -389,10 +391,12 @@ class ApiSettings(_Table):
     @pydantic.field_validator("api_url")
     @classmethod
     def _url(cls, value: str) -> str:
-        parts = urllib.parse.urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"must be an http:// or https:// URL (got {value!r})")
-        return value.rstrip("/")
+        urls = [u.strip() for u in value.split(",")]
+        for url in urls:
+            parts = urllib.parse.urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"must be an http:// or https:// URL (got {url!r})")
+        return ",".join(u.rstrip("/") for u in urls)
 
     @pydantic.model_validator(mode="after")
     def _pair(self) -> ApiSettings:

@@ -106,7 +106,7 @@ class Dispatcher:
     # -- lifecycle ----------------------------------------------------------------
     @property
     def role(self) -> str:
-        """"primary" (serves) or "standby" (replicates; the API answers 503)."""
+        """ "primary" (serves) or "standby" (replicates; the API answers 503)."""
         return self.ha.role
 
     async def start(self) -> None:
@@ -138,16 +138,15 @@ class Dispatcher:
         send workers to `redirect`, flush every write. Runs stay `running` in the database:
         the next primary re-attaches them when their workers reconnect."""
         self._stepping_down = True
-        scheduler, *others = self._primary_tasks or [None]
-        for task in others:
-            if task is not None:
+        tasks = list(self._primary_tasks)
+        if tasks:
+            scheduler, *others = tasks
+            for task in others:
                 task.cancel()
-        if scheduler is not None:
             self.wake()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(scheduler), 5.0)
             scheduler.cancel()
-        tasks = [t for t in self._primary_tasks if t is not None]
         await asyncio.gather(*tasks, return_exceptions=True)
         for task in tasks:
             with contextlib.suppress(ValueError):
@@ -493,6 +492,7 @@ class Dispatcher:
         tasks = {t.id: t for t in await self.store.get_tasks([a.task_id for a in assignments])}
         now = self.clock()
         updates = []
+        sends: list[tuple[str, models.Task, int]] = []
         for a in assignments:
             task = tasks.get(a.task_id)
             ref = self.queue.remove(a.task_id)
@@ -522,7 +522,7 @@ class Dispatcher:
                     expect_status=QUEUED,
                 )
             )
-            self.peers.send_assign(a.worker_id, task, attempt)
+            sends.append((a.worker_id, task, attempt))
             self.audit.record(
                 "task_started",
                 action="assign",
@@ -530,9 +530,21 @@ class Dispatcher:
                 task_id=a.task_id,
                 details={"attempt": attempt},
             )
-        # The workers already have their tasks; the running marks share one commit, and
-        # watchers hear of the change only once a reader would see it.
-        await self.store.apply(updates)
+        source = self.ha.source
+        if source is not None and source.sync and source.synced:
+            # Sync replication: the standby learns of each assignment before any worker
+            # starts it, so after a failover no task runs twice.
+            await self.store.apply(updates)
+            await self.replicated()
+            for worker_id, task, attempt in sends:
+                if self.runs.get(task.id) is not None and self.peers.is_connected(worker_id):
+                    self.peers.send_assign(worker_id, task, attempt)
+        else:
+            # The workers get their tasks at once; the running marks share one commit,
+            for worker_id, task, attempt in sends:
+                self.peers.send_assign(worker_id, task, attempt)
+            await self.store.apply(updates)
+        # and watchers hear of the change only once a reader would see it.
         for update in updates:
             self.watchers.notify(update.task_id)
 
@@ -570,7 +582,7 @@ class Dispatcher:
         if (
             task is None
             or task.status != QUEUED
-            or task.attempts != result.attempt
+            or task.attempts not in (result.attempt, result.attempt - 1)
             or result.task_id in self.runs
         ):
             log.info(
@@ -590,6 +602,7 @@ class Dispatcher:
             task.lost_count,
             worker_id=worker_id,
             reporter=worker_id,
+            expect_attempts=task.attempts,
         )
         if not ok:
             self.queued_count += 1
@@ -606,6 +619,7 @@ class Dispatcher:
         worker_id: str | None = None,
         *,
         reporter: str,
+        expect_attempts: int | None = None,
     ) -> bool:
         now = self.clock()
         outcome = scheduling.after_run(
@@ -631,8 +645,12 @@ class Dispatcher:
         }
         if worker_id is not None:
             changes["worker_id"] = worker_id
+        if expect_attempts is None:
+            expect_attempts = result.attempt
+        elif expect_attempts != result.attempt:
+            changes["attempts"] = result.attempt  # its running mark was lost in a failover
         update = store_base.TaskUpdate(
-            result.task_id, changes, expect_status=expect, expect_attempts=result.attempt
+            result.task_id, changes, expect_status=expect, expect_attempts=expect_attempts
         )
         (applied,) = await self.store.apply([update])
         if applied and outcome.status == QUEUED:
@@ -697,15 +715,23 @@ class Dispatcher:
         if (
             task is None
             or task.status != QUEUED
-            or task.attempts != attempt
+            or task.attempts not in (attempt, attempt - 1)
             or task_id in self.runs
         ):
             return None
+        # attempts == attempt - 1: the primary that assigned it died before its standby
+        # had the running mark (async replication): the worker's run is the next attempt.
         update = store_base.TaskUpdate(
             task_id,
-            {"status": RUNNING, "worker_id": worker_id, "not_before": None},
+            {
+                "status": RUNNING,
+                "worker_id": worker_id,
+                "not_before": None,
+                "attempts": attempt,
+                "started_at": task.started_at or self.clock(),
+            },
             expect_status=QUEUED,
-            expect_attempts=attempt,
+            expect_attempts=task.attempts,
         )
         (ok,) = await self.store.apply([update])
         if not ok or task_id in self.runs:

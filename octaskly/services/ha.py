@@ -237,9 +237,13 @@ class HA:
         """Someone reports `term` with its primary at `primary`: a higher term wins."""
         if term <= self.term:
             return
+        if primary is not None and primary == self.advertised:
+            primary = None  # never follow ourselves
         self.known_term = term
         if primary:
             self.known_primary = primary
+        if self.switching:
+            return  # the switchover in progress settles the roles
         if self.role == "primary":
             log.warning(
                 "term %d (primary %s) is newer than this primary's %d: stepping down",
@@ -261,7 +265,9 @@ class HA:
             await self._stop_follower()
             self._follow(address)
 
-    async def on_redirect(self, follower: replication.Follower, redirect: messages.Redirect) -> None:
+    async def on_redirect(
+        self, follower: replication.Follower, redirect: messages.Redirect
+    ) -> None:
         """The dispatcher we follow says it is not the primary."""
         if redirect.primary and redirect.primary != follower.address and redirect.term >= self.term:
             self.observe_term(redirect.term, redirect.primary)
@@ -318,7 +324,7 @@ class HA:
         assert follower is not None
         silent = time.monotonic() - follower.last_contact
         timeout = self.options.failover_timeout
-        if follower.connected or silent < timeout:
+        if silent < timeout:
             return f"the primary answered {silent:.1f}s ago"
         if not self.options.auto_failover:
             return "auto failover is off (promote with `octaskly ha promote`)"
@@ -338,6 +344,13 @@ class HA:
         if stale:
             return "workers report the primary dropped this standby from sync: it may lack writes"
         return None
+
+    def _blocked_now(self) -> str | None:
+        """Why a standby whose primary is silent does not promote (None otherwise)."""
+        if self.follower is None or self.role != "standby":
+            return None
+        reason = self.failover_blocker()
+        return None if reason is None or reason.startswith("the primary answered") else reason
 
     def stale_reason(self) -> str | None:
         follower = self.follower
@@ -423,7 +436,10 @@ class HA:
         self.switching = True
         started = time.monotonic()
         new_term = self.term + 1
-        redirect = messages.Redirect(term=new_term, primary=link.address, reason="switchover")
+        # (the current term: the new one exists only once the standby has taken it)
+        redirect = messages.Redirect(
+            term=self.term, primary=link.address, reason="switching over to the standby"
+        )
         try:
             await self.d.stop_primary(redirect)  # no more writes from workers or the scheduler
             lsn = self.store.position.lsn
@@ -445,7 +461,9 @@ class HA:
             if self.role == "primary":
                 await self.d.start_primary()
             if isinstance(exc, TimeoutError):
-                raise errors.TemporaryError("switchover: the standby did not confirm", delay=1) from None
+                raise errors.TemporaryError(
+                    "switchover: the standby did not confirm", delay=1
+                ) from None
             raise
         async with self._changing:
             self.role = "standby"
@@ -584,7 +602,7 @@ class HA:
                 "timeout_seconds": self.options.failover_timeout,
                 "witnesses": fresh,
                 "witnesses_reaching_primary": reach,
-                "blocked": self.failover_blocker() if self.follower is not None else None,
+                "blocked": self._blocked_now(),
             },
             "events": list(self.events),
         }

@@ -196,7 +196,9 @@ class Peers:
         await conn.send(messages.to_wire(messages.Reject(reason=refusal)))
         return False
 
-    def _proof_ok(self, name: str, worker_nonce: str, proof: str, nonce: str, binding: bytes) -> bool:
+    def _proof_ok(
+        self, name: str, worker_nonce: str, proof: str, nonce: str, binding: bytes
+    ) -> bool:
         expected = auth.worker_proof(
             self._key, dispatcher_nonce=nonce, worker_nonce=worker_nonce, name=name, binding=binding
         )

@@ -163,7 +163,9 @@ class Source:
         self._release(None)
 
     # -- serving the standby ---------------------------------------------------------------
-    async def serve(self, conn: transport.Connection, hello: messages.ReplicaHello, nonce: str) -> None:
+    async def serve(
+        self, conn: transport.Connection, hello: messages.ReplicaHello, nonce: str
+    ) -> None:
         ha = self.ha
         store = ha.store
         await self.start_capture()
@@ -199,11 +201,15 @@ class Source:
             next_lsn = p.lsn + 1
         else:
             why = (
-                "a different database" if p.db_id != current.db_id
-                else "diverged from this history" if not fits
+                "a different database"
+                if p.db_id != current.db_id
+                else "diverged from this history"
+                if not fits
                 else "behind the replication buffer"
             )
-            log.info("standby %s (%s) gets a snapshot: its database is %s", hello.name, address, why)
+            log.info(
+                "standby %s (%s) gets a snapshot: its database is %s", hello.name, address, why
+            )
             next_lsn = await self._send_snapshot(conn) + 1
         link = Link(hello.name, address, conn, next_lsn, acked=next_lsn - 1)
         self.link = link
@@ -277,8 +283,14 @@ class Source:
         return messages.ReplicaState(term=p.term, lsn=p.lsn, synced=self.synced, at=time.time())
 
     async def _receive(self, link: Link) -> None:
+        # the standby acknowledges at least every STATE_INTERVAL; silence means a cut link
+        silence = max(4 * STATE_INTERVAL, self.sync_timeout)
         while True:
-            raw = await link.conn.recv()
+            try:
+                raw = await asyncio.wait_for(link.conn.recv(), silence)
+            except TimeoutError:
+                log.warning("standby %s silent for %gs: dropping it", link.name, silence)
+                return
             if raw is None:
                 return
             message = messages.parse_worker_message(raw)
@@ -299,7 +311,9 @@ class Source:
         if not self.synced and lsn >= self.ha.store.position.lsn:
             self.synced = True
             self.degraded = None
-            log.info("standby %s caught up at transaction %d: replication is in sync", link.name, lsn)
+            log.info(
+                "standby %s caught up at transaction %d: replication is in sync", link.name, lsn
+            )
 
     # -- status ----------------------------------------------------------------------------
     def lag(self) -> tuple[int, float]:
@@ -334,6 +348,10 @@ class Source:
             self.link.conn.close()
         self._release(None)
         self.stop_capture()
+
+
+def replication_interval() -> float:
+    return STATE_INTERVAL
 
 
 class Follower:
@@ -495,8 +513,13 @@ class Follower:
     async def _apply_forever(self, conn: transport.Connection) -> None:
         ha = self.ha
         task_width, token_width = ha.store.change_widths
+        # the primary speaks at least every STATE_INTERVAL: silence means a cut link
+        silence = max(4 * replication_interval(), ha.options.failover_timeout)
         while True:
-            raw = await conn.recv()
+            try:
+                raw = await asyncio.wait_for(conn.recv(), silence)
+            except TimeoutError:
+                raise ConnectionError(f"the primary has been silent for {silence:g}s") from None
             if raw is None:
                 raise ConnectionError("the primary closed the replication stream")
             self.last_contact = time.monotonic()
@@ -513,6 +536,8 @@ class Follower:
                 self.primary_lsn, self.synced = message.lsn, message.synced
                 self.primary_at = message.at
                 ha.observe_term(message.term, self.address)
+                # our sign of life for the primary
+                await conn.send(messages.to_wire(messages.ReplicaAck(lsn=ha.store.position.lsn)))
             elif isinstance(message, messages.Switchover):
                 await ha.on_switchover(self, conn, message)
                 return

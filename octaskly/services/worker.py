@@ -494,7 +494,12 @@ class Worker:
         """Keep a witness session with every known dispatcher but the one we work for."""
         try:
             while True:
-                wanted = {a for a in self.known if a != self._current}
+                # (one known dispatcher: nobody to witness for)
+                wanted = (
+                    {a for a in self.known if a not in (self._current, self.primary)}
+                    if len(self.known) > 1
+                    else set()
+                )
                 for addr in list(self._witnesses):
                     if addr not in wanted:
                         self._witnesses.pop(addr).cancel()

@@ -163,3 +163,41 @@ def running(relay: Relay) -> Iterator[Relay]:
         yield relay
     finally:
         relay.stop()
+
+
+class PartitionRelay(TCPRelay):
+    """A TCP relay that can be cut like a network link: while cut, bytes vanish in both
+    directions and connections hang (no FIN, no RST), as with a pulled cable."""
+
+    def __init__(self, target_port: int) -> None:
+        super().__init__(target_port)
+        self.is_cut = False
+
+    def cut(self) -> None:
+        with self._lock:
+            self.is_cut = True
+
+    def heal(self) -> None:
+        """Forward again; connections that lost bytes while cut are closed (as TCP would
+        after its retransmissions failed), so both ends reconnect."""
+        asyncio.run_coroutine_threadsafe(self._heal(), self._loop).result(10)
+
+    async def _heal(self) -> None:
+        with self._lock:
+            self.is_cut = False
+        for w in list(self._conns):
+            w.close()
+        self._conns.clear()
+
+    def _tamper(self, data: bytes, direction: str) -> bytes:
+        with self._lock:
+            return b"" if self.is_cut else data
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.is_cut:  # a new connection into the void: accepted, then nothing
+            self._conns.add(writer)
+            with contextlib.suppress(ConnectionError, OSError):
+                while await reader.read(65536):
+                    pass
+            return
+        await super()._serve(reader, writer)

@@ -112,8 +112,15 @@ async def test_a_snapshot_carries_its_position(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("term", "lsn", "expected"),
-    [(1, 4, True), (1, 5, False), (2, 7, True), (2, 9, True), (3, 9, True), (3, 10, False),
-     (4, 1, False)],
+    [
+        (1, 4, True),
+        (1, 5, False),
+        (2, 7, True),
+        (2, 9, True),
+        (3, 9, True),
+        (3, 10, False),
+        (4, 1, False),
+    ],
 )
 def test_on_history(term: int, lsn: int, expected: bool) -> None:
     history = [(1, 0), (2, 4), (3, 9)]
