@@ -203,8 +203,9 @@ class ReplicaHello(_Message):
     proof: Annotated[str, _HEX]
     version: str = pydantic.Field(max_length=64)
     position: PositionModel
-    port: int = pydantic.Field(ge=1, le=65535)
-    """The P2P port the standby listens on (its address is the connection's source)."""
+    port: int = pydantic.Field(ge=0, le=65535)
+    """The P2P port the standby listens on (its address is the connection's source);
+    0: not listening (a probe)."""
 
 
 class ReplicaWelcome(_Message):

@@ -175,7 +175,7 @@ class Source:
         fits = p.db_id == current.db_id and changes.on_history(history, p.term, p.lsn, current.lsn)
         stream = fits and self.covers(p.lsn + 1)
         host = conn.peer.rsplit(":", 1)[0]
-        address = f"{host}:{hello.port}"
+        address = f"{host}:{hello.port}" if hello.port else None
         await conn.send(
             messages.to_wire(
                 messages.ReplicaWelcome(
@@ -211,10 +211,11 @@ class Source:
                 "standby %s (%s) gets a snapshot: its database is %s", hello.name, address, why
             )
             next_lsn = await self._send_snapshot(conn) + 1
-        link = Link(hello.name, address, conn, next_lsn, acked=next_lsn - 1)
+        link = Link(hello.name, address or conn.peer, conn, next_lsn, acked=next_lsn - 1)
         self.link = link
         self.had_standby = True
-        ha.remember_peer(address)
+        if address:
+            ha.remember_peer(address)
         log.info("standby %s (%s) replicating from transaction %d", hello.name, address, next_lsn)
         sender = asyncio.create_task(self._send_forever(link), name="octaskly-replication-send")
         try:
@@ -384,6 +385,9 @@ class Follower:
             except errors.StorageError as exc:
                 log.error("replication from %s stopped: %s", self.address, exc)
                 self.state = f"failed: {exc}"
+            except Exception:  # a bug must not end replication silently: log, retry
+                log.exception("replication from %s failed", self.address)
+                self.state = "failed"
             finally:
                 self.connected = False
             await asyncio.sleep(delay)
