@@ -425,6 +425,7 @@ async def create_token(request: web.Request) -> web.Response:
     ttl = _ttl(raw.get("ttl", tokens.DEFAULT_TTL))
     dispatcher = _dispatcher(request)
     token, claims = await dispatcher.tokens.issue(subject=subject, role=role, ttl=ttl)
+    await dispatcher.replicated()
     dispatcher.audit.record(
         "token_issued",
         action="issue token",
@@ -451,6 +452,7 @@ async def revoke_token(request: web.Request) -> web.Response:
     jti = request.match_info["jti"]
     dispatcher = _dispatcher(request)
     changed = await dispatcher.tokens.revoke(jti)
+    await dispatcher.replicated()  # a revocation survives a failover
     dispatcher.audit.record(
         "token_revoked",
         action="revoke token",

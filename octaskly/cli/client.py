@@ -152,7 +152,7 @@ class Client:
             if time.monotonic() + delay > deadline:
                 raise errors.TemporaryError("; ".join(problems))
             time.sleep(delay)
-            delay = min(delay * 2, 2.0)
+            delay = min(delay * 2, 1.0)
 
     def call(
         self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
