@@ -182,6 +182,69 @@ def cluster_section(results: dict[str, Any], tasks: int) -> list[str]:
     return lines
 
 
+def _ha_rows(s: dict[str, Any], batch: float | None) -> dict[str, str]:
+    lag, pos, cpu, rss = s["lag"], s["positions"], s["cpu_seconds"], s["peak_rss"]
+    sec, rec = lag["lag_seconds"], lag["lag_records"]
+
+    def ms(value: float | None) -> str:
+        return _n(None if value is None else 1000 * value, 0)
+
+    waited = pos["seconds_to_equal"]
+    equal = (
+        f"NOT equal after {pos['wait_limit_seconds']:.0f} s"
+        if waited is None
+        else f"equal after {waited:.2f} s"
+    )
+    return {
+        "throughput, first submit → last completion": f"{_n(s['tasks_per_second'])} tasks/s",
+        "share of the plain batch throughput (same run)": (
+            "-" if not batch else f"{100 * s['tasks_per_second'] / batch:.0f} %"
+        ),
+        "submit latency per HTTP request p50 / p99": f"{_pair(s['submit_request'])} ms",
+        "submit→complete p50 / p99": f"{_pair(s['submit_to_complete'])} ms",
+        "lag_seconds max / p99 / p50": (
+            f"{ms(sec['max'])} / {ms(sec['p99'])} / {ms(sec['p50'])} ms"
+        ),
+        "lag_records max / p99 / p50": (f"{_n(rec['max'])} / {_n(rec['p99'])} / {_n(rec['p50'])}"),
+        "samples: all (lagging / not synced / failed)": (
+            f"{lag['samples']} ({lag['samples_lagging']} / {lag['samples_not_synced']} / "
+            f"{lag['failed_samples']})"
+        ),
+        "lsn after the load: standby / primary": (
+            f"{_n(pos['standby_lsn'])} / {_n(pos['primary_lsn'])}: {equal}"
+        ),
+        "CPU ms/task: primary / standby": " / ".join(
+            f"{1000 * cpu[k] / s['tasks']:.2f}" for k in ("dispatcher", "standby")
+        ),
+        "peak RSS primary / standby": f"{_mib(rss['dispatcher'])} / {_mib(rss['standby'])} MiB",
+        "standby start → connected and synced": f"{s['standby_start_to_synced_seconds']:.2f} s",
+    }
+
+
+def ha_section(results: dict[str, Any], tasks: int) -> list[str]:
+    modes = [m for m in ("async", "sync") if isinstance(results["ha"].get(m), dict)]
+    if not modes:
+        return []
+    batch = (results.get("batch") or {}).get("tasks_per_second")
+    rows = {m: _ha_rows(results["ha"][m], batch) for m in modes}
+    lag = results["ha"][modes[0]]["lag"]
+    lines = [
+        "",
+        f"== 2b. Replication: the batch load ({tasks:,} x `true`) on a primary with a standby "
+        "(own ports, data dir, SQLite file), a fresh pair per mode, --replication on both",
+        f"  {'':<50}" + "".join(f"{'--replication ' + m:<36}" for m in modes).rstrip(),
+    ]
+    for label in rows[modes[0]]:
+        values = "".join(f"{rows[m][label]:<36}" for m in modes)
+        lines.append(f"  {label:<50}{values}".rstrip())
+    lines.append(
+        f"  (the primary's /api/v1/ha/status every {1000 * lag['interval_seconds']:.0f} ms "
+        "during the load: lag_records = committed transactions the standby has not "
+        "acknowledged, lag_seconds = age of the oldest of them, 1 ms resolution)"
+    )
+    return lines
+
+
 def startup_section(r: dict[str, Any]) -> list[str]:
     idle, pyz = r["idle"], r["pyz"]
     runs = len(pyz["direct_seconds"])
@@ -262,7 +325,11 @@ def targets_section(results: dict[str, Any]) -> list[str]:
     lines = ["", "== Targets (issue 3)"]
     for t in targets.evaluate(results):
         value = "not measured" if t.value is None else f"{t.value:,.2f} {t.unit}"
-        wanted = f"{'≥' if t.higher_is_better else '≤'} {t.limit:,g} {t.unit}"
+        wanted = (
+            "(no target)"
+            if t.limit is None
+            else f"{'≥' if t.higher_is_better else '≤'} {t.limit:,g} {t.unit}"
+        )
         lines.append(f"  {t.verdict:<4}  {t.name:<29} {wanted:<15} {value:>17}   [{t.where}]")
     return lines
 
@@ -272,6 +339,8 @@ def render(results: dict[str, Any]) -> str:
     if isinstance(results.get("limit"), dict):
         lines += limit_section(results["limit"])
     lines += cluster_section(results, results["config"]["tasks"])
+    if isinstance(results.get("ha"), dict):
+        lines += ha_section(results, results["config"]["tasks"])
     if isinstance(results.get("startup"), dict):
         lines += startup_section(results["startup"])
     if isinstance(results.get("scale"), dict) and results["scale"].get("depths"):

@@ -2,7 +2,8 @@
 
 Scenarios (in this order): `limit` (asyncio spawn rate, no octaskly), `batch` and
 `single` (a real dispatcher + 2 workers on TLS over TCP, N `true` tasks through the REST
-API), `quic` (batch again with the workers on QUIC), `startup`
+API), `quic` (batch again with the workers on QUIC), `ha` (batch again on a primary
+replicating to a standby, async then sync, sampling the replication lag), `startup`
 (idle RSS, pyz cold start), `scale` (200 simulated workers, 1k..1M queued tasks).
 Exit status: 0 when every selected scenario ran (missed targets included), 1 when the
 harness or the cluster broke (a crash, lost tasks), 2 for bad arguments.
@@ -23,9 +24,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from bench import cluster, limit, procs, report, scale, startup, targets, throughput
+from bench import cluster, ha, limit, procs, report, scale, startup, targets, throughput
 
-SCENARIOS = ("limit", "batch", "quic", "single", "startup", "scale")
+SCENARIOS = ("limit", "batch", "quic", "single", "ha", "startup", "scale")
 DEPTHS = "1000,10000,100000,1000000"
 QUICK_DEPTHS = "1000,10000,100000"
 SIM_WORKERS = 200
@@ -105,6 +106,7 @@ def _runners(
             "batch", args.tasks, processes, root, secret, transport="quic"
         ),
         "single": lambda: throughput.run("single", args.tasks, processes, root, secret),
+        "ha": lambda: ha.run(args.tasks, processes, root, secret),
         "startup": lambda: startup.run(processes, root, secret),
         "scale": lambda: scale.run(
             args.scale_depths,

@@ -1,5 +1,6 @@
-"""Issue 3's targets, checked against a results dict. The harness reports; it never fails
-a run for a missed target."""
+"""Issue 3's targets (and the standby's replication lag), checked against a results dict.
+The harness reports; it never fails a run for a missed target. A row without a limit is
+informational: its value is shown, never judged."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ class Target:
     name: str
     where: str
     value: float | None
-    limit: float
+    limit: float | None  # None: informational
     higher_is_better: bool
     unit: str
 
@@ -25,6 +26,8 @@ class Target:
     def verdict(self) -> str:
         if self.value is None:
             return "n/a"
+        if self.limit is None:
+            return "info"
         ok = self.value >= self.limit if self.higher_is_better else self.value <= self.limit
         return "PASS" if ok else "FAIL"
 
@@ -73,6 +76,14 @@ def _quic_share(results: dict[str, Any]) -> float | None:
     return None if not tcp or quic is None else 100 * quic / tcp
 
 
+def _ha_share(results: dict[str, Any], mode: str) -> float | None:
+    """Throughput of the batch load with a standby replicating in `mode`, as a share of
+    the plain batch scenario's of the same run."""
+    batch = _get(results, "batch", "tasks_per_second")
+    replicated = _get(results, "ha", mode, "tasks_per_second")
+    return None if not batch or replicated is None else 100 * replicated / batch
+
+
 def _min_rate(results: dict[str, Any]) -> float | None:
     rates = [r["assignments_per_second"] for r in _scale_rows(results)]
     return min(rates) if rates else None
@@ -86,15 +97,25 @@ Getter = Callable[[dict[str, Any]], float | None]
 # The queue→start target holds "when the cluster has free slots": the latency probe. In the
 # batch scenario every slot is busy and a task waits its turn (seconds): reported, not judged.
 PROBE = "latency probe (free slots)"
+# The standby's lag: the largest lag_seconds (age of the oldest commit the standby has not
+# acknowledged) of the primary's /api/v1/ha/status, read every 50 ms during the batch load.
+# The throughput shares with a standby are informational (no limit).
 
 # (name, where, value, limit, higher is better, unit)
-TABLE: tuple[tuple[str, str, Getter, float, bool, str], ...] = (
+TABLE: tuple[tuple[str, str, Getter, float | None, bool, str], ...] = (
     ("batch throughput", "batch", lambda r: _get(r, "batch", "tasks_per_second"), 1000, True,
      "tasks/s"),
     ("batch throughput / limit", "batch", lambda r: _ratio(r), 60, True, "%"),
     ("QUIC throughput / TLS-TCP", "quic vs batch", lambda r: _quic_share(r), 85, True, "%"),
     ("single throughput", "single", lambda r: _get(r, "single", "tasks_per_second"), 500, True,
      "tasks/s"),
+    ("async replication lag (max)", "ha, async, 50 ms samples",
+     lambda r: _scaled(_get(r, "ha", "async", "lag", "lag_seconds", "max"), 1000), 1000, False,
+     "ms"),
+    ("ha async throughput / batch", "ha vs batch", lambda r: _ha_share(r, "async"), None, True,
+     "%"),
+    ("ha sync throughput / batch", "ha vs batch", lambda r: _ha_share(r, "sync"), None, True,
+     "%"),
     ("queue→start p50", PROBE, lambda r: _get(r, "batch", "probe", "queue_to_start", "p50_ms"),
      5, False, "ms"),
     ("queue→start p99", PROBE, lambda r: _get(r, "batch", "probe", "queue_to_start", "p99_ms"),
@@ -113,5 +134,8 @@ def evaluate(results: dict[str, Any]) -> list[Target]:
     """Every target with its measured value (None when its scenario did not run)."""
     found = [Target(n, w, value(results), lim, hi, u) for n, w, value, lim, hi, u in TABLE]
     flat, flat_where = flatness(results)
-    found.insert(7, Target("scale per-task cost flat", flat_where, flat, FLAT_RATIO, False, "x"))
+    after = next(i for i, t in enumerate(found) if t.name == "scale assignments/s") + 1
+    found.insert(
+        after, Target("scale per-task cost flat", flat_where, flat, FLAT_RATIO, False, "x")
+    )
     return found

@@ -19,14 +19,14 @@ PROBE_TASKS = 500
 PROBE_RATE = 100.0
 
 
-def _cpu(pids: dict[str, int]) -> dict[str, float]:
+def cpu_snapshot(pids: dict[str, int]) -> dict[str, float]:
     named = {name: procs.cpu_seconds(pid) for name, pid in pids.items()}
     named["bench"] = procs.cpu_seconds(os.getpid())
     named["machine"] = procs.machine_busy_seconds()
     return named
 
 
-async def _push(kind: str, n: int, c: cluster.Cluster) -> dict[str, Any]:
+async def push(kind: str, n: int, c: cluster.Cluster) -> dict[str, Any]:
     """Submit, wait for all to end, read the records back; the scenario's numbers."""
     async with load.session(SINGLE_CLIENTS) as http:
         watcher = asyncio.create_task(
@@ -76,9 +76,9 @@ def run(
         started = c.start_dispatcher()
         c.start_workers(WORKERS, MAX_JOBS, transport=transport)
         with procs.RssSampler(c.pids()) as rss:
-            cpu_before, rss_before = _cpu(c.pids()), rss.current("dispatcher")
-            result = asyncio.run(_push(kind, n, c))
-            cpu_after = _cpu(c.pids())
+            cpu_before, rss_before = cpu_snapshot(c.pids()), rss.current("dispatcher")
+            result = asyncio.run(push(kind, n, c))
+            cpu_after = cpu_snapshot(c.pids())
         result.update(
             dispatcher_start_seconds=started,
             dispatcher_rss_before=rss_before,

@@ -28,7 +28,7 @@ def bench(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_a_small_run_measures_every_cluster_scenario(tmp_path: Path) -> None:
     done = bench(
         tmp_path,
-        *("--tasks", "300", "--spawns", "200", "--scenarios", "limit,batch,single,scale"),
+        *("--tasks", "300", "--spawns", "200", "--scenarios", "limit,batch,single,ha,scale"),
         *("--scale-depths", "1000,3000", "--scale-window", "1000"),
     )
     assert done.returncode == 0, done.stdout + done.stderr
@@ -40,10 +40,19 @@ def test_a_small_run_measures_every_cluster_scenario(tmp_path: Path) -> None:
         assert results[scenario]["tasks_per_second"] > 0
         assert results[scenario]["queue_to_start"]["p99_ms"] >= 0
     assert results["batch"]["probe"]["queue_to_start"]["p50_ms"] >= 0
+    for mode in ("async", "sync"):  # the batch load on a primary replicating to a standby
+        replicated = results["ha"][mode]
+        assert replicated["tasks_per_second"] > 0
+        assert replicated["lag"]["samples"] > 0
+        assert replicated["lag"]["lag_seconds"]["max"] >= 0
+        assert replicated["positions"]["lsn_equal"] is True, replicated["positions"]
     assert [row["depth"] for row in results["scale"]["depths"]] == [1000, 3000]
     verdicts = {t["name"]: t["verdict"] for t in results["targets"]}
     assert verdicts["batch throughput"] in ("PASS", "FAIL")
+    assert verdicts["async replication lag (max)"] in ("PASS", "FAIL")
+    assert verdicts["ha sync throughput / batch"] == "info"  # informational, never judged
     assert verdicts["dispatcher idle RSS"] == "n/a"  # startup did not run
+    assert "== 2b. Replication" in done.stdout
     assert "== Targets (issue 3)" in done.stdout
 
 
