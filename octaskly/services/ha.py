@@ -22,6 +22,7 @@ promotion and is stored with the data. Rules:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import json
@@ -91,6 +92,9 @@ class HA:
         self._blocked_reason: str | None = None
         self.name = options.name or socket.gethostname()
         self.events: list[dict[str, Any]] = []
+        self.applied: collections.deque[Any] = collections.deque()
+        """Changes applied as a standby (bounded): the buffer's start after a promotion."""
+        self.applied_bytes = 0
 
     # -- facts -----------------------------------------------------------------------------
     @property
@@ -188,13 +192,21 @@ class HA:
             return reply.term, address
         return None
 
-    async def _become_primary(self) -> None:
+    async def _become_primary(self, *, promoted: bool = False) -> None:
         self.role = "primary"
         self.source = replication.Source(
             self,
             sync=self.options.replication == "sync",
             sync_timeout=self.options.failover_timeout,
         )
+        if promoted:
+            # capture from the first write of the new term (start_primary writes), with
+            # what we applied as a standby in front: the old primary may rejoin from its
+            # position without a snapshot
+            await self.source.start_capture()
+            self.source.seed(self.applied)
+            self.source.had_standby = True  # until one is back: degraded
+        self.applied, self.applied_bytes = collections.deque(), 0
         await self.d.start_primary()
 
     def _follow(self, address: str) -> None:
@@ -376,10 +388,7 @@ class HA:
             new_term = term if term is not None else self.term + 1
             await self.store.begin_term(new_term)
             self.known_term = new_term
-            await self._become_primary()
-            assert self.source is not None
-            await self.source.start_capture()  # the old primary may rejoin from its position
-            self.source.had_standby = True  # until it has: degraded
+            await self._become_primary(promoted=True)
             self.known_primary = self.advertised
             self._event("promoted", reason, term=new_term)
             log.warning("promoted to primary of term %d: %s", new_term, reason)
@@ -549,12 +558,17 @@ class HA:
             with contextlib.suppress(FileNotFoundError):
                 Path(f"{db}{suffix}").unlink()
         os.replace(partial, db)
+        self.applied, self.applied_bytes = collections.deque(), 0  # no longer contiguous
         store = sqlite.SQLiteStore(db, synchronous=old.synchronous)
         await store.open()
         await self.d.replace_store(store)
         log.info("installed the primary's snapshot at transaction %d", store.position.lsn)
 
     def on_applied(self, batch: list[Any]) -> None:
+        self.applied.extend(batch)
+        self.applied_bytes += sum(c.size() for c in batch)
+        while self.applied_bytes > replication.BUFFER_BYTES and len(self.applied) > 1:
+            self.applied_bytes -= self.applied.popleft().size()
         if any(c.tokens for c in batch):
             self.d.reload_tokens_soon()
 

@@ -88,6 +88,15 @@ class Source:
         store.set_capture(self.on_change)
         self.capture_from = store.position.lsn + 1
 
+    def seed(self, applied: collections.deque[changes.Change]) -> None:
+        """Start the buffer with the changes this node applied as a standby (a promoted
+        standby): its old primary can then rejoin from its position without a snapshot."""
+        if applied and self.capture_from == self.ha.store.position.lsn + 1:
+            if applied[-1].lsn == self.ha.store.position.lsn and not self.buffer:
+                self.buffer.extend(applied)
+                self.buffer_bytes = sum(c.size() for c in applied)
+                self.capture_from = applied[0].lsn
+
     def stop_capture(self) -> None:
         self.ha.store.set_capture(None)
         self.capture_from = None

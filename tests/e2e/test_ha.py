@@ -403,6 +403,7 @@ def test_old_primary_rejoins_then_switchover_three_times_under_load(tmp_path: Pa
             pair.wait_in_sync()
             print(f"old primary rejoined as standby at term {pair.a.status()['term']}")
             env = clean_env(OCTASKLY_API_URL=pair.urls, OCTASKLY_TOKEN=TOKENS[pair.a.api])
+            snapshots = _snapshots_sent(tmp_path)
             for round_ in range(3):
                 before = pair.primary()
                 result = run(["ha", "switchover"], cwd=tmp_path, env=env, timeout=60)
@@ -413,6 +414,8 @@ def test_old_primary_rejoins_then_switchover_three_times_under_load(tmp_path: Pa
                 pair.wait_in_sync()
                 count = load.count()
                 wait_for(lambda c=count: load.count() >= c + 10, timeout=60, what="more acks")
+            # each old primary continued from its exact position: no snapshot was needed
+            assert _snapshots_sent(tmp_path) == snapshots
             status = run(["ha", "status"], cwd=tmp_path, env=env)
             assert status.returncode == 0, status.stderr
             print(status.stdout)
@@ -421,6 +424,10 @@ def test_old_primary_rejoins_then_switchover_three_times_under_load(tmp_path: Pa
         assert final.status()["term"] == 5  # failover, then three switchovers
         wait_all_finished(final)
         check_nothing_lost(pair, final, load.acks)
+
+
+def _snapshots_sent(tmp: Path) -> int:
+    return sum(log.read_text().count("gets a snapshot") for log in tmp.glob("[ab]-*.log"))
 
 
 def test_async_replication_lag_is_reported_and_small_under_load(tmp_path: Path) -> None:
