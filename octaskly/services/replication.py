@@ -81,12 +81,7 @@ class Source:
         """Capture every commit from now on (idempotent)."""
         if self.capture_from is not None:
             return
-        store = self.ha.store
-        # Set on the writer thread between two transactions: every lsn after the current
-        # one is captured, none is missed.
-        await store._on_writer(lambda: setattr(store._batches, "capture", True))
-        store.set_capture(self.on_change)
-        self.capture_from = store.position.lsn + 1
+        self.capture_from = await self.ha.store.capture_changes(self.on_change) + 1
 
     def seed(self, applied: collections.deque[changes.Change]) -> None:
         """Start the buffer with the changes this node applied as a standby (a promoted
@@ -98,7 +93,7 @@ class Source:
                 self.capture_from = applied[0].lsn
 
     def stop_capture(self) -> None:
-        self.ha.store.set_capture(None)
+        self.ha.store.stop_capture()
         self.capture_from = None
         self.buffer.clear()
         self.buffer_bytes = 0
@@ -360,10 +355,6 @@ class Source:
         self.stop_capture()
 
 
-def replication_interval() -> float:
-    return STATE_INTERVAL
-
-
 class Follower:
     """The standby's half: follow the primary at `address`."""
 
@@ -527,7 +518,7 @@ class Follower:
         ha = self.ha
         task_width, token_width = ha.store.change_widths
         # the primary speaks at least every STATE_INTERVAL: silence means a cut link
-        silence = max(4 * replication_interval(), ha.options.failover_timeout)
+        silence = max(4 * STATE_INTERVAL, ha.options.failover_timeout)
         while True:
             try:
                 raw = await asyncio.wait_for(conn.recv(), silence)

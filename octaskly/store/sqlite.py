@@ -283,10 +283,21 @@ class SQLiteStore:
         """Columns of a task row and of a token row in a Change."""
         return self._batches.widths
 
-    def set_capture(self, callback: Callable[[changes.Change], None] | None) -> None:
-        """Hand every later commit to `callback` as a Change (None: stop)."""
+    async def capture_changes(self, callback: Callable[[changes.Change], None]) -> int:
+        """Hand every commit from the next one on to `callback` as a Change; return the
+        number of the last transaction not captured (armed between two transactions on
+        the writer thread, so none is missed or half-captured)."""
         self._capture = callback
-        self._batches.capture = callback is not None
+
+        def arm() -> int:
+            self._batches.capture = True
+            return self._batches.position.lsn
+
+        return cast(int, await self._on_writer(arm))
+
+    def stop_capture(self) -> None:
+        self._capture = None
+        self._batches.capture = False
 
     async def apply_change(self, change: changes.Change) -> bool:
         """Apply a primary's change durably (a standby); False if it was applied already."""

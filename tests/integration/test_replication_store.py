@@ -43,7 +43,7 @@ async def test_every_changing_commit_counts_one_and_is_captured_as_row_images(
 ) -> None:
     captured: list[changes.Change] = []
     async with opened(tmp_path / "p.db") as primary:
-        primary.set_capture(captured.append)
+        await primary.capture_changes(captured.append)
         task = testing.new_task("echo hi")
         await primary.insert_tasks([task])
         assert primary.position.lsn == 1 and [c.lsn for c in captured] == [1]
@@ -66,7 +66,7 @@ async def test_every_changing_commit_counts_one_and_is_captured_as_row_images(
 async def test_a_standby_applying_the_changes_ends_identical(tmp_path: Path) -> None:
     captured: list[changes.Change] = []
     async with opened(tmp_path / "p.db") as primary, opened(tmp_path / "s.db") as standby:
-        primary.set_capture(captured.append)
+        await primary.capture_changes(captured.append)
         tasks = [testing.new_task(f"echo {i}") for i in range(50)]
         await primary.insert_tasks(tasks[:25])
         await primary.insert_tasks(tasks[25:])
