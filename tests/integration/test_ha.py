@@ -50,7 +50,8 @@ async def test_a_primary_that_hears_of_a_newer_term_steps_down(tmp_path: Path) -
         worker.term, worker.primary = 5, f"127.0.0.1:{testing.free_port()}"
         job = asyncio.create_task(worker.run())
         try:
-            await until(lambda: cluster.dispatcher.role == "standby", what="the step down")
+            await until(lambda: bool(cluster.dispatcher.ha.events), what="the step down")
+            assert cluster.dispatcher.role == "standby"
             assert "veteran" not in cluster.dispatcher.peers.sessions
             status, body = await cluster.api("POST", "/api/v1/tasks", json={"command": "true"})
             assert status == 503 and "standby" in body["error"]
