@@ -341,6 +341,23 @@ def document() -> dict[str, Any]:
                     "responses": {"200": _resp("a page of entries", obj), **_ERRORS},
                 }
             },
+            "/api/v1/backup": {
+                "get": {
+                    "summary": "A consistent copy of the database, streamed (admin): what "
+                    "`octaskly backup --api-url` saves",
+                    "responses": {
+                        "200": {
+                            "description": "the SQLite database file",
+                            "content": {
+                                "application/vnd.sqlite3": {
+                                    "schema": {"type": "string", "format": "binary"}
+                                }
+                            },
+                        },
+                        **_ERRORS,
+                    },
+                }
+            },
             "/api/v1/ha/status": {
                 "get": {
                     "summary": "Role, term, replication state and lag, failover state "

@@ -225,7 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, metavar="FILE", help="where to write the copy")
     p.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
     _with_config(p)
-    loading.add_flags(p, ["data_dir", "db_path", *COMMON_KEYS])
+    loading.add_flags(
+        p,
+        ["data_dir", "db_path", "api_url", "token", "secret_key", "secret_key_file", *COMMON_KEYS],
+    )
     p.set_defaults(kind="backup")
     p = sub.add_parser(
         "restore",
@@ -302,6 +305,18 @@ def _backup_or_restore(args: argparse.Namespace) -> int:
 
     settings = _load(args).settings
     db_path = settings.db_file()
+    if args.kind == "backup" and getattr(args, loading.flag_dest("api_url"), None):
+        from octaskly.cli import tokens_cmd
+        from octaskly.cli.client import APIError
+
+        url = settings.api.api_url
+        try:
+            info = tokens_cmd.download_backup(settings, Path(args.output), force=args.force)
+        except APIError as exc:
+            print(f"error: {exc} (HTTP {exc.status})", file=sys.stderr)
+            return 1
+        print(f"backed up {url} to {info.path}: {info.tasks} tasks, {info.bytes} bytes")
+        return 0
     if args.kind == "backup":
         info = backup.backup(db_path, Path(args.output), force=args.force)
         print(f"backed up {db_path} to {info.path}: {info.tasks} tasks, {info.bytes} bytes")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from octaskly import errors
 from octaskly.cli.client import APIError, Client
@@ -49,6 +51,57 @@ def local_secret(settings: config_settings.Settings) -> bytes | None:
     except OSError:
         return None
     return data or None
+
+
+def admin_token(settings: config_settings.Settings) -> str | None:
+    """A token for an admin command: the one configured or found, else a short-lived admin
+    token signed here with the cluster key (a Kubernetes backup job has only the key)."""
+    token = find_token(settings, data_dir_given=False)
+    if token is not None:
+        return token
+    secret = local_secret(settings)
+    if secret is None:
+        return None
+    signed, _ = tokens.sign(
+        tokens.signing_key(secret), subject="backup", role="admin", ttl=600, now=time.time()
+    )
+    return signed
+
+
+def download_backup(settings: config_settings.Settings, output: Path, *, force: bool) -> Any:
+    """`octaskly backup --api-url`: fetch GET /api/v1/backup into `output` (checked, 0600,
+    renamed into place only when complete)."""
+    from octaskly import files
+    from octaskly.store import backup
+
+    if output.exists() and not force:
+        raise errors.ConfigError(f"{output} exists; choose another name or pass --force")
+    token = admin_token(settings)
+    if token is None:
+        raise errors.ConfigError(
+            "backup over the API needs an admin token (--token, OCTASKLY_TOKEN) or the "
+            "cluster key (--secret-key-file) to sign one"
+        )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = output.with_name(f".{output.name}.partial")
+    files.write_private(partial, b"")
+    try:
+        with (
+            Client(settings.api.api_url, token=token, timeout=300)._request(
+                "GET", "/api/v1/backup"
+            ) as response,
+            partial.open("wb") as fh,
+        ):
+            while chunk := response.read(1 << 20):
+                fh.write(chunk)
+            fh.flush()
+            os.fsync(fh.fileno())
+        backup.check(partial)
+        os.replace(partial, output)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return backup.check(output)
 
 
 def _ttl(text: str) -> float:

@@ -251,6 +251,11 @@ def _metavar(key: registry.Key) -> str:
     return "N" if key.kind in ("int", "float") else key.name.upper()
 
 
+def flag_dest(key: str) -> str:
+    """The argparse attribute a key's flag is stored in (present only when given)."""
+    return _DEST + key
+
+
 def add_flags(parser: argparse.ArgumentParser, keys: Sequence[str]) -> None:
     """Add one option per configuration key; only flags the user passes reach `load`."""
     for name in dict.fromkeys(keys):

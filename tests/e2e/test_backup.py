@@ -94,3 +94,73 @@ def test_restore_refuses_a_damaged_or_foreign_file_and_changes_nothing(tmp_path:
         assert done.returncode == 1 and reason in done.stderr, done.stderr
     assert _ids(data / "octaskly.db") == live
     assert not [p for p in data.iterdir() if ".before-restore-" in p.name]
+
+
+def test_backup_over_the_api_with_only_the_cluster_key(tmp_path: Path) -> None:
+    """What a Kubernetes backup CronJob does: no access to the data dir, only the key —
+    `octaskly backup --api-url` signs a short admin token and streams a checked copy."""
+    data = tmp_path / "data"
+    api, args = _dispatcher(tmp_path, data)
+    key_file = tmp_path / "key"
+    key_file.write_text(SECRET + "\n")
+    key_file.chmod(0o600)
+    with procs.processes() as ps:
+        ps.append(start(args, cwd=tmp_path))
+        wait_healthy(api, ps[0], data_dir=data)
+        status, body = http(
+            "POST", f"{api}/api/v1/tasks/batch", {"tasks": [{"command": "true"}] * 30}
+        )
+        assert status == 201
+        out = tmp_path / "remote" / "octaskly-1.db"
+        env = procs.clean_env(HOME=str(tmp_path))  # no token file anywhere
+        done = run(
+            ["backup", "--api-url", api, "--output", str(out), "--secret-key-file", str(key_file)],
+            cwd=tmp_path,
+            env=env,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "30 tasks" in done.stdout
+        assert out.stat().st_mode & 0o777 == 0o600
+        assert _ids(out) == set(body["ids"])
+        assert "backup_downloaded" in (data / "logs" / "audit.log").read_text()
+        # hostile: a client token may not take backups; a wrong key is refused; no leftovers
+        client_token = http(
+            "POST", f"{api}/api/v1/tokens", {"role": "client", "subject": "someone"}
+        )[1]["token"]
+        denied = run(
+            [
+                "backup",
+                "--api-url",
+                api,
+                "--output",
+                str(tmp_path / "x.db"),
+                "--token",
+                client_token,
+            ],
+            cwd=tmp_path,
+            env=env,
+        )
+        assert denied.returncode == 1 and "HTTP 403" in denied.stderr
+        wrong = tmp_path / "wrong"
+        wrong.write_text("not-the-cluster-key-at-all\n")
+        refused = run(
+            [
+                "backup",
+                "--api-url",
+                api,
+                "--output",
+                str(tmp_path / "y.db"),
+                "--secret-key-file",
+                str(wrong),
+            ],
+            cwd=tmp_path,
+            env=env,
+        )
+        assert refused.returncode == 1 and "HTTP 401" in refused.stderr
+        assert not list(tmp_path.glob("*.db")) and not list(tmp_path.glob(".*partial"))
+        again = run(
+            ["backup", "--api-url", api, "--output", str(out), "--secret-key-file", str(key_file)],
+            cwd=tmp_path,
+            env=env,
+        )
+        assert again.returncode == 2 and "exists" in again.stderr
