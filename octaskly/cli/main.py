@@ -52,6 +52,7 @@ WORKER_KEYS = [
     "memory",
     "gpu",
     "max_jobs",
+    "drain_timeout",
     "labels",
     "sandbox_level",
     "transport",

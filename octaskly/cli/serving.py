@@ -352,8 +352,11 @@ async def _until_signal(*extra: asyncio.Future[Any] | asyncio.Event) -> None:
         loop.add_signal_handler(sig, stop.set)
     waits = [asyncio.ensure_future(stop.wait())]
     for item in extra:
+        # (shielded: leaving this function must not cancel what we watched)
         waits.append(
-            asyncio.ensure_future(item.wait() if isinstance(item, asyncio.Event) else item)
+            asyncio.ensure_future(
+                item.wait() if isinstance(item, asyncio.Event) else asyncio.shield(item)
+            )
         )
     try:
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
@@ -438,6 +441,9 @@ async def run_worker(settings: config_settings.Settings) -> int:
     job = asyncio.ensure_future(worker.run())
     try:
         await _until_signal(job)
+        drain = settings.worker.drain_timeout
+        if drain > 0 and not job.done():
+            await worker.drain(drain)
     finally:
         job.cancel()
         with contextlib.suppress(asyncio.CancelledError):

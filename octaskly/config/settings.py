@@ -318,6 +318,14 @@ class WorkerSettings(_Table):
     max_jobs: int | None = Field(
         default=None, ge=1, le=10000, description="Tasks run at the same time", examples=[4]
     )
+    drain_timeout: float = Field(
+        default=0,
+        ge=0,
+        le=86400,
+        allow_inf_nan=False,
+        description="On SIGTERM, seconds running tasks may finish before they are handed "
+        "back to the dispatcher (0: stop at once; they are re-queued)",
+    )
     labels: dict[str, str] = Field(
         default_factory=dict, description="Labels tasks can require, as key=value"
     )

@@ -132,6 +132,20 @@ class Heartbeat(_Message):
     running: list[RunRef] = pydantic.Field(default_factory=list, max_length=10000)
 
 
+class Drain(_Message):
+    """The worker is stopping: assign it nothing more (its running tasks may finish)."""
+
+    type: Literal["drain"] = "drain"
+
+
+class Release(_Message):
+    """The worker hands these runs back unfinished (its drain time ran out): re-queue them
+    without counting them as lost."""
+
+    type: Literal["release"] = "release"
+    runs: list[RunRef] = pydantic.Field(max_length=10000)
+
+
 class Output(_Message):
     type: Literal["output"] = "output"
     task_id: Annotated[str, _ID]
@@ -261,7 +275,16 @@ class SwitchoverDone(_Message):
 
 
 WorkerMessage = Annotated[
-    Hello | Heartbeat | Output | Result | Witness | ReplicaHello | ReplicaAck | SwitchoverDone,
+    Hello
+    | Heartbeat
+    | Output
+    | Result
+    | Drain
+    | Release
+    | Witness
+    | ReplicaHello
+    | ReplicaAck
+    | SwitchoverDone,
     pydantic.Field(discriminator="type"),
 ]
 DispatcherMessage = Annotated[

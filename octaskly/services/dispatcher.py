@@ -708,6 +708,34 @@ class Dispatcher:
             self.watchers.notify(update.task_id)
         self.wake()
 
+    async def on_released(self, runs: Sequence[Run], reason: str) -> None:
+        """Runs a draining worker handed back unfinished go back to the queue as they were
+        (not counted as lost: nothing went wrong)."""
+        updates, released = [], []
+        for run in runs:
+            if self.runs.get(run.task_id) is not run:
+                continue
+            self._end_run(run)
+            released.append(run)
+            updates.append(
+                store_base.TaskUpdate(
+                    run.task_id,
+                    {"status": QUEUED, "not_before": None},
+                    expect_status=RUNNING,
+                    expect_attempts=run.attempt,
+                )
+            )
+        if not updates:
+            return
+        log.info("%d running tasks re-queued: %s", len(updates), reason)
+        applied = await self.store.apply(updates)
+        for run, ok in zip(released, applied, strict=True):
+            if ok:
+                self.queued_count += 1
+                self.queue.requeue(run.ref)
+            self.watchers.notify(run.task_id)
+        self.wake()
+
     async def reattach(self, worker_id: str, task_id: str, attempt: int) -> Run | None:
         """A reconnecting worker still holds an attempt we had re-queued: take it back
         instead of running the task again."""

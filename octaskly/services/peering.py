@@ -35,6 +35,8 @@ class Session:
     connected_at: float
     last_seen: float
     runs: dict[str, Run] = dataclasses.field(default_factory=dict)
+    draining: bool = False
+    """The worker is stopping: it gets no new tasks."""
     outbox: asyncio.Queue[dict[str, Any] | None] = dataclasses.field(default_factory=asyncio.Queue)
 
     def send(self, message: messages._Message) -> None:
@@ -55,6 +57,8 @@ class Peers:
     def slots(self) -> list[scheduling.WorkerSlot]:
         out = []
         for s in self.sessions.values():
+            if s.draining:
+                continue
             reqs = [r.ref.requirements for r in s.runs.values()]
             out.append(
                 scheduling.WorkerSlot(
@@ -86,7 +90,11 @@ class Peers:
                 "max_jobs": s.hello.max_jobs,
                 "current_jobs": len(s.runs),
                 "sandbox_level": s.hello.sandbox_level.value,
-                "state": (models.WorkerState.BUSY if s.runs else models.WorkerState.IDLE).value,
+                "state": (
+                    models.WorkerState.DRAINING.value
+                    if s.draining
+                    else (models.WorkerState.BUSY if s.runs else models.WorkerState.IDLE).value
+                ),
                 "connected_at": s.connected_at,
                 "last_heartbeat": now_wall - (now_mono - s.last_seen),
             }
@@ -373,6 +381,12 @@ class Peers:
                         session.send(
                             messages.Cancel(task_id=message.task_id, attempt=message.attempt)
                         )
+                elif isinstance(message, messages.Drain):
+                    if not session.draining:
+                        log.info("worker %s is draining: no new tasks for it", session.id)
+                    session.draining = True
+                elif isinstance(message, messages.Release):
+                    await self._release(session, message.runs)
                 elif isinstance(message, messages.Hello):
                     raise errors.ProtocolError("hello sent twice")
         except errors.ProtocolError as exc:
@@ -387,6 +401,15 @@ class Peers:
             sender.cancel()
             await asyncio.gather(sender, return_exceptions=True)
             await self._leave(session, reason)
+
+    async def _release(self, session: Session, refs: list[messages.RunRef]) -> None:
+        runs = [
+            run
+            for ref in refs
+            if (run := session.runs.get(ref.task_id)) is not None and run.attempt == ref.attempt
+        ]
+        if runs:
+            await self._d.on_released(runs, f"worker {session.id} handed them back (drained)")
 
     async def _on_result(self, session: Session, result: messages.Result) -> None:
         await self._d.on_result(session.id, result)

@@ -156,6 +156,7 @@ class Worker:
         self._standby_synced: bool | None = None
         self._witnesses: dict[str, asyncio.Task[None]] = {}
         self._nudge = asyncio.Event()
+        self.draining = False
         # Runs reuse the working directories earlier runs left empty (see executing.workdirs).
         self._workdirs = executing.Workdirs(options.workdir_root, keep=options.max_jobs)
         # Read the environment once: iterating os.environ per task costs more than a spawn.
@@ -231,6 +232,8 @@ class Worker:
                 self._cancel(ref.task_id, ref.attempt, reason="dispatcher gave the run away")
             for result in list(self.unacked.values()):
                 await conn.send(messages.to_wire(result))
+            if self.draining:
+                await conn.send(messages.to_wire(messages.Drain()))
             self.connected.set()
             beat = asyncio.create_task(self._heartbeat(conn, welcome.keepalive_interval))
             try:
@@ -359,6 +362,10 @@ class Worker:
 
     # -- running tasks -------------------------------------------------------------------------
     def _start(self, assignment: messages.TaskAssignment) -> None:
+        if self.draining:  # assigned before the dispatcher heard of the drain: hand it back
+            ref = messages.RunRef(task_id=assignment.task_id, attempt=assignment.attempt)
+            self._send_nowait(messages.Release(runs=[ref]))
+            return
         if assignment.task_id in self.running:
             log.warning(
                 "task %s is already running here; ignoring a duplicate assignment",
@@ -488,6 +495,38 @@ class Worker:
             conn.send_nowait(messages.to_wire(message))
         except (ConnectionError, OSError):
             conn.close()
+
+    # -- draining --------------------------------------------------------------------------
+    async def drain(self, timeout: float) -> None:
+        """Stop taking tasks; let the running ones finish for up to `timeout` seconds, hand
+        back the rest (re-queued, not counted as lost), and wait for the dispatcher to
+        acknowledge the results — so a stopping worker drops no task."""
+        self.draining = True
+        self._send_nowait(messages.Drain())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        if self.running:
+            log.info("draining: waiting up to %gs for %d running tasks", timeout, len(self.running))
+        while self.running and loop.time() < deadline:
+            await asyncio.sleep(0.1)
+        left = list(self.running.values())
+        if left:
+            log.warning("drain time is up: handing %d running tasks back", len(left))
+            for run in left:
+                run.aborted = True
+                run.execution.cancel()
+            refs = [
+                messages.RunRef(task_id=r.assignment.task_id, attempt=r.assignment.attempt)
+                for r in left
+            ]
+            self._send_nowait(messages.Release(runs=refs))
+            await asyncio.gather(*list(self._exec_tasks), return_exceptions=True)
+        # finished results must reach the dispatcher before we go
+        settle = loop.time() + max(5.0, deadline - loop.time())
+        while self.unacked and loop.time() < settle:
+            await asyncio.sleep(0.1)
+        if self.unacked:
+            log.warning("stopping with %d unacknowledged results", len(self.unacked))
 
     # -- witnessing --------------------------------------------------------------------------
     async def _witness_forever(self) -> None:
