@@ -38,8 +38,8 @@ dev: $(STAMP)
 
 ## lint: ruff (lint + format check), mypy --strict, import-linter layer contracts
 lint: $(STAMP)
-	$(BIN)/ruff check octaskly tests bench scripts
-	$(BIN)/ruff format --check octaskly tests bench scripts
+	$(BIN)/ruff check octaskly operator tests bench scripts
+	$(BIN)/ruff format --check octaskly operator tests bench scripts
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 

@@ -1,0 +1,297 @@
+"""The kopf handlers: reconcile an OctasklyCluster's owned objects when it is created,
+changed or found at start-up, and observe every cluster in a loop to report truthful
+status (from the pods and workloads as they are, never from the last handler that ran).
+
+No finalizer: owned objects carry owner references, so deleting the cluster deletes them
+(the garbage collector), and nothing else needs cleaning up. That is also why status is
+observed by a loop started with the operator rather than by kopf timers, which would put
+a finalizer on every cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime
+import logging
+import secrets
+from typing import Any, cast
+
+import kopf
+
+from octaskly_operator import kube, model
+
+log = logging.getLogger(__name__)
+
+OBSERVE_SECONDS = 5.0
+_state: dict[str, Any] = {}
+
+
+def _kube() -> kube.Kube:
+    k = _state.get("kube")
+    if k is None:
+        k = _state["kube"] = kube.Kube(kube.api_client(_state.get("kubeconfig")))
+    assert isinstance(k, kube.Kube)
+    return k
+
+
+def configure(*, kubeconfig: str | None, namespaces: list[str]) -> None:
+    _state.update(kubeconfig=kubeconfig, namespaces=namespaces)
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+    # progress and last-handled state in annotations: undeclared status fields would be
+    # dropped by the API server (the CRD declares every status field it has)
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="octaskly.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="octaskly.io", key="last-handled-configuration"
+    )
+    settings.persistence.finalizer = "octaskly.io/operator"
+    # watch streams that go silent are a known kopf issue: make the server end them
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.posting.level = logging.INFO
+    _state["observer"] = asyncio.get_running_loop().create_task(_observe_forever())
+
+
+@kopf.on.cleanup()
+async def cleanup(**_: Any) -> None:
+    task = _state.pop("observer", None)
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+# -- reconcile ---------------------------------------------------------------------------------
+@kopf.on.resume(model.GROUP, model.VERSION, model.PLURAL)
+@kopf.on.create(model.GROUP, model.VERSION, model.PLURAL)
+@kopf.on.update(model.GROUP, model.VERSION, model.PLURAL, field="spec")
+async def reconcile(
+    name: str,
+    namespace: str | None,
+    uid: str,
+    spec: kopf.Spec,
+    meta: kopf.Meta,
+    body: kopf.Body,
+    patch: kopf.Patch,
+    **_: Any,
+) -> None:
+    assert namespace is not None  # the CRD is namespaced
+    c = model.Cluster(name, namespace, uid, dict(spec))
+    k = _kube()
+    await asyncio.to_thread(ensure_secret, k, c)
+    for obj in model.desired(c):
+        await asyncio.to_thread(k.apply, obj)
+    for api_version, kind, gone in model.absent(c):
+        if await asyncio.to_thread(k.delete, api_version, kind, gone, namespace):
+            kopf.info(body, reason="Removed", message=f"{kind} {gone} is no longer wanted")
+    patch.status["observedGeneration"] = meta.get("generation")
+    kopf.info(
+        body,
+        reason="Reconciled",
+        message=f"{len(model.desired(c))} objects applied "
+        f"({c.dispatcher_replicas} dispatchers, {c.workers.get('replicas', 2)} workers)",
+    )
+
+
+def ensure_secret(k: kube.Kube, c: model.Cluster) -> None:
+    """The cluster key: generated once (never logged), then left alone (rotation replaces
+    it deliberately)."""
+    if k.get("v1", "Secret", c.n("key"), c.namespace) is not None:
+        return
+    k.apply(model.secret(c, secrets.token_urlsafe(32), None, 1))
+    log.info("generated the cluster key for %s/%s", c.namespace, c.name)
+
+
+# -- observe -----------------------------------------------------------------------------------
+async def _observe_forever() -> None:
+    while True:
+        try:
+            await asyncio.to_thread(observe_all)
+        except Exception:  # a bad cluster or a flaky API must not stop the loop
+            log.exception("observing clusters failed; retrying")
+        await asyncio.sleep(OBSERVE_SECONDS)
+
+
+def observe_all() -> None:
+    k = _kube()
+    namespaces = _state.get("namespaces") or [None]
+    for ns in namespaces:
+        if ns is None:
+            items = k.custom.list_cluster_custom_object(model.GROUP, model.VERSION, model.PLURAL)
+        else:
+            items = k.custom.list_namespaced_custom_object(
+                model.GROUP, model.VERSION, ns, model.PLURAL
+            )
+        listed = cast(dict[str, Any], items)
+        for obj in listed.get("items", []):
+            if obj["metadata"].get("deletionTimestamp"):
+                continue
+            observe(k, obj)
+
+
+def _ready(pod: dict[str, Any]) -> bool:
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
+def _condition(
+    previous: list[dict[str, Any]], kind: str, ok: bool, reason: str, message: str, gen: Any
+) -> dict[str, Any]:
+    status = "True" if ok else "False"
+    old = next((c for c in previous if c.get("type") == kind), None)
+    since = _now()
+    if old is not None and old.get("status") == status:
+        since = old.get("lastTransitionTime") or since
+    return {
+        "type": kind,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": since,
+        "observedGeneration": gen,
+    }
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def observe(k: kube.Kube, obj: dict[str, Any]) -> dict[str, Any]:
+    """Read what exists, label the primary, and write the status that is true now."""
+    meta, spec = obj["metadata"], obj.get("spec") or {}
+    c = model.Cluster(meta["name"], meta["namespace"], meta["uid"], spec)
+    status = dict(obj.get("status") or {})
+    pods = {
+        p["metadata"]["name"]: p for p in k.list("v1", "Pod", c.namespace, c.selector("dispatcher"))
+    }
+    primary = status.get("currentPrimary") or c.pod(0)
+    if primary not in {c.pod(i) for i in range(c.dispatcher_replicas)}:
+        primary = c.pod(0)
+    standby = next((c.pod(i) for i in range(c.dispatcher_replicas) if c.pod(i) != primary), None)
+    _label_roles(k, c, pods, primary)
+    primary_ready = primary in pods and _ready(pods[primary])
+    standby_ready = standby is not None and standby in pods and _ready(pods[standby])
+    deployment = k.get("apps/v1", "Deployment", c.n("workers"), c.namespace) or {}
+    dstatus = deployment.get("status") or {}
+    desired = int((spec.get("workers") or {}).get("replicas", 2))
+    ready = int(dstatus.get("readyReplicas") or 0)
+    current = int(dstatus.get("replicas") or 0)
+    cron = k.get("batch/v1", "CronJob", c.n("backup"), c.namespace) or {}
+    last_backup = (cron.get("status") or {}).get("lastSuccessfulTime")
+    last_schedule = (cron.get("status") or {}).get("lastScheduleTime")
+    backup_ok = bool(last_backup) and (not last_schedule or last_backup >= last_schedule)
+    gen = meta.get("generation")
+    previous = status.get("conditions") or []
+    if primary_ready and (standby_ready or not c.standby) and ready >= desired:
+        phase, message = "Healthy", "all dispatchers and workers are ready"
+    elif not primary_ready and status.get("phase") in (None, "Provisioning"):
+        phase, message = "Provisioning", f"waiting for the primary {primary} to be ready"
+    else:
+        missing = []
+        if not primary_ready:
+            missing.append(f"primary {primary} not ready")
+        if c.standby and not standby_ready:
+            missing.append(f"standby {standby} not ready")
+        if ready < desired:
+            missing.append(f"{ready}/{desired} workers ready")
+        phase, message = "Degraded", "; ".join(missing)
+    conditions = [
+        _condition(
+            previous,
+            "Ready",
+            primary_ready,
+            "PrimaryReady" if primary_ready else "PrimaryNotReady",
+            f"primary {primary}",
+            gen,
+        ),
+        _condition(
+            previous,
+            "StandbyReady",
+            standby_ready,
+            "StandbyReady" if standby_ready else ("NoStandby" if not c.standby else "NotReady"),
+            f"standby {standby}" if standby else "no standby configured",
+            gen,
+        ),
+        _condition(
+            previous,
+            "WorkersReady",
+            ready >= desired,
+            "AllReady" if ready >= desired else "NotAllReady",
+            f"{ready}/{desired} ready",
+            gen,
+        ),
+        _condition(
+            previous,
+            "LastBackupSucceeded",
+            backup_ok,
+            "Succeeded" if backup_ok else ("NoBackupYet" if not last_backup else "Failed"),
+            f"last successful backup {last_backup or 'never'}",
+            gen,
+        ),
+    ]
+    new_status: dict[str, Any] = {
+        "phase": phase,
+        "message": message,
+        "currentPrimary": primary,
+        "currentStandby": standby or "",
+        "workers": {
+            "desired": desired,
+            "current": current,
+            "ready": ready,
+            "text": f"{ready}/{desired}",
+            "selector": ",".join(f"{k_}={v}" for k_, v in c.selector("worker").items()),
+        },
+        "conditions": conditions,
+    }
+    if last_backup:
+        new_status["lastBackup"] = last_backup
+        new_status["lastBackupSucceeded"] = backup_ok
+    if status.get("phase") != phase:
+        _event(k, obj, "Normal" if phase == "Healthy" else "Warning", phase, message)
+    k.patch_status(model.GROUP, model.VERSION, model.PLURAL, c.name, c.namespace, new_status)
+    return new_status
+
+
+def _label_roles(
+    k: kube.Kube, c: model.Cluster, pods: dict[str, dict[str, Any]], primary: str
+) -> None:
+    """The `N-rw` Service selects the pod labelled primary: keep exactly that one so."""
+    for name, pod in pods.items():
+        want = "primary" if name == primary else "standby"
+        if (pod["metadata"].get("labels") or {}).get(model.ROLE_LABEL) != want:
+            k.patch_labels(name, c.namespace, {model.ROLE_LABEL: want})
+
+
+def _event(k: kube.Kube, obj: dict[str, Any], kind: str, reason: str, message: str) -> None:
+    meta = obj["metadata"]
+    now = datetime.datetime.now(datetime.UTC)
+    body = {
+        "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+        "involvedObject": {
+            "apiVersion": obj["apiVersion"],
+            "kind": obj["kind"],
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "uid": meta["uid"],
+        },
+        "type": kind,
+        "reason": reason,
+        "message": message[:1000],
+        "source": {"component": "octaskly-operator"},
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+    }
+    try:
+        k.core.create_namespaced_event(meta["namespace"], body)  # type: ignore[arg-type]
+    except Exception as exc:  # an event is best effort
+        log.warning("could not post event %s: %s", reason, exc)
+
+
+def secret_value(k: kube.Kube, c: model.Cluster) -> str | None:
+    found = k.get("v1", "Secret", c.n("key"), c.namespace)
+    data = (found or {}).get("data") or {}
+    raw = data.get(model.KEY_FILE)
+    return base64.b64decode(raw).decode() if raw else None

@@ -1,0 +1,561 @@
+"""What one OctasklyCluster becomes: the owned Kubernetes objects, as plain dicts.
+
+Pure functions of the resource (its name, namespace, uid and spec — with the defaults the
+API server filled in from the CRD schema), so they can be checked without a cluster and
+applied idempotently with server-side apply. Names, for a cluster `N`:
+
+- `N-key` Secret (the cluster key; the previous one during a rotation's grace period)
+- `N-config` ConfigMap (octaskly.toml)
+- `N-dispatcher` StatefulSet (pod 0 starts as primary, pod 1 as its standby), with the
+  headless Service `N-dispatcher-hl` for stable pod names
+- `N-rw` Service: API (3000) and P2P (5555 TCP+UDP) of the pod labelled as the primary
+- `N-workers` Deployment
+- `N-backup` CronJob and (unless an existing claim is named) `N-backups` PVC
+- `N-dispatcher` PodDisruptionBudget (only with a standby: never blocks a node drain of
+  a single-dispatcher cluster)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+from typing import Any
+
+GROUP = "octaskly.io"
+VERSION = "v1alpha1"
+PLURAL = "octasklyclusters"
+KIND = "OctasklyCluster"
+
+API_PORT = 3000
+P2P_PORT = 5555
+PYZ = "/opt/octaskly/bin/octaskly.pyz"
+CONFIG_DIR = "/etc/octaskly"
+KEY_DIR = "/etc/octaskly/key"
+KEY_FILE = "secret.key"
+DATA_DIR = "/data"
+BACKUP_DIR = "/backups"
+
+CLUSTER_LABEL = "octaskly.io/cluster"
+COMPONENT_LABEL = "octaskly.io/component"
+ROLE_LABEL = "octaskly.io/role"
+ROTATE_ANNOTATION = "octaskly.io/rotate-key"
+CONFIG_HASH_ANNOTATION = "octaskly.io/config-hash"
+KEY_GENERATION_ANNOTATION = "octaskly.io/key-generation"
+
+
+class Cluster:
+    """One OctasklyCluster: its identity and spec (defaults applied by the API server)."""
+
+    def __init__(self, name: str, namespace: str, uid: str, spec: dict[str, Any]) -> None:
+        self.name = name
+        self.namespace = namespace
+        self.uid = uid
+        self.spec = spec
+
+    # -- spec parts, with the schema's defaults as a fallback ------------------------------
+    @property
+    def dispatcher(self) -> dict[str, Any]:
+        return dict(self.spec.get("dispatcher") or {})
+
+    @property
+    def workers(self) -> dict[str, Any]:
+        return dict(self.spec.get("workers") or {})
+
+    @property
+    def backup(self) -> dict[str, Any]:
+        return dict(self.spec.get("backup") or {})
+
+    @property
+    def image(self) -> str:
+        return str(self.spec.get("image") or "octaskly:0.2.0")
+
+    @property
+    def standby(self) -> bool:
+        return bool(self.dispatcher.get("standby", True))
+
+    @property
+    def dispatcher_replicas(self) -> int:
+        return 2 if self.standby else 1
+
+    # -- names -----------------------------------------------------------------------------
+    def n(self, suffix: str) -> str:
+        return f"{self.name}-{suffix}"
+
+    def pod(self, ordinal: int) -> str:
+        return f"{self.name}-dispatcher-{ordinal}"
+
+    def pod_address(self, ordinal: int) -> str:
+        """The P2P address of dispatcher pod `ordinal` (stable DNS via the headless Service)."""
+        return f"{self.pod(ordinal)}.{self.n('dispatcher-hl')}.{self.namespace}.svc:{P2P_PORT}"
+
+    def labels(self, component: str) -> dict[str, str]:
+        return {
+            "app.kubernetes.io/name": "octaskly",
+            "app.kubernetes.io/instance": self.name,
+            "app.kubernetes.io/component": component,
+            "app.kubernetes.io/managed-by": "octaskly-operator",
+            CLUSTER_LABEL: self.name,
+            COMPONENT_LABEL: component,
+        }
+
+    def selector(self, component: str) -> dict[str, str]:
+        return {CLUSTER_LABEL: self.name, COMPONENT_LABEL: component}
+
+    def meta(self, name: str, component: str, **extra: Any) -> dict[str, Any]:
+        return {
+            "name": name,
+            "namespace": self.namespace,
+            "labels": self.labels(component),
+            "ownerReferences": [
+                {
+                    "apiVersion": f"{GROUP}/{VERSION}",
+                    "kind": KIND,
+                    "name": self.name,
+                    "uid": self.uid,
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
+            **extra,
+        }
+
+
+# -- configuration -----------------------------------------------------------------------------
+def config_toml(c: Cluster) -> str:
+    d, w = c.dispatcher, c.workers
+    addrs = ", ".join(f'"{c.pod_address(i)}"' for i in range(c.dispatcher_replicas))
+    labels = "".join(
+        f"\nlabels.{json.dumps(k)} = {json.dumps(v)}"
+        for k, v in sorted((w.get("labels") or {}).items())
+    )
+    return f"""# Written by the octaskly operator for OctasklyCluster {c.namespace}/{c.name}.
+# Edit the OctasklyCluster, not this file: the operator overwrites it.
+
+[network]
+bind_address = "0.0.0.0"
+port = {P2P_PORT}
+api_port = {API_PORT}
+
+[security]
+secret_key_file = "{KEY_DIR}/{KEY_FILE}"
+require_auth = {str(bool(d.get("requireAuth", True))).lower()}
+
+[storage]
+db_path = "{DATA_DIR}/octaskly.db"
+
+[dispatcher]
+replication = "{d.get("replication", "sync")}"
+# the operator decides failovers (it holds the leadership Lease): dispatchers never
+# promote themselves here
+auto_failover = false
+failover_timeout = {int(d.get("failoverTimeoutSeconds", 5))}
+
+[logging]
+log_level = "{d.get("logLevel", "info")}"
+log_format = "json"
+
+[worker]
+dispatcher_addr = [{addrs}]
+max_jobs = {int(w.get("maxJobs", 4))}
+sandbox_level = "{w.get("sandboxLevel", "basic")}"
+{labels}
+"""
+
+
+def secret(c: Cluster, key: str, previous: str | None, generation: int) -> dict[str, Any]:
+    data = {KEY_FILE: key}
+    if previous:
+        data["previous.key"] = previous
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": c.meta(
+            c.n("key"), "key", annotations={KEY_GENERATION_ANNOTATION: str(generation)}
+        ),
+        "type": "Opaque",
+        "stringData": data,
+    }
+
+
+def config_map(c: Cluster) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": c.meta(c.n("config"), "config"),
+        "data": {"octaskly.toml": config_toml(c)},
+    }
+
+
+# -- dispatchers ---------------------------------------------------------------------------------
+def _volumes(c: Cluster) -> list[dict[str, Any]]:
+    return [
+        {"name": "config", "configMap": {"name": c.n("config")}},
+        {
+            "name": "key",
+            "secret": {"secretName": c.n("key"), "defaultMode": 0o400},
+        },
+    ]
+
+
+def _mounts() -> list[dict[str, Any]]:
+    return [
+        {"name": "config", "mountPath": f"{CONFIG_DIR}/octaskly.toml", "subPath": "octaskly.toml"},
+        {"name": "key", "mountPath": KEY_DIR, "readOnly": True},
+    ]
+
+
+def _security() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": 10001,
+        "runAsGroup": 10001,
+        "fsGroup": 10001,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": path, "port": "api"},
+        "periodSeconds": period,
+        "timeoutSeconds": 3,
+        "failureThreshold": failures,
+    }
+
+
+def dispatcher_script(c: Cluster) -> str:
+    """Pod 0 starts as the primary, pod 1 as its standby. After a failover the roles live
+    in the data (terms): a restarted dispatcher finds the current primary itself."""
+    primary = shlex.quote(c.pod_address(0))
+    return (
+        'ordinal="${HOSTNAME##*-}"\n'
+        'if [ "$ordinal" = 0 ]; then set -- --role primary\n'
+        f"else set -- --role standby --primary-addr {primary}\n"
+        "fi\n"
+        f'exec {PYZ} dispatcher --config {CONFIG_DIR}/octaskly.toml --node-name "$HOSTNAME" '
+        '--data-dir /data "$@"\n'
+    )
+
+
+def statefulset(c: Cluster) -> dict[str, Any]:
+    d = c.dispatcher
+    storage = d.get("storage") or {}
+    claim: dict[str, Any] = {
+        "metadata": {"name": "data", "labels": c.labels("dispatcher")},
+        "spec": {
+            "accessModes": ["ReadWriteOnce"],
+            "resources": {"requests": {"storage": storage.get("size", "10Gi")}},
+        },
+    }
+    if storage.get("storageClassName"):
+        claim["spec"]["storageClassName"] = storage["storageClassName"]
+    policy = "Retain" if storage.get("retainOnDelete", True) else "Delete"
+    container: dict[str, Any] = {
+        "name": "dispatcher",
+        "image": c.image,
+        "imagePullPolicy": c.spec.get("imagePullPolicy", "IfNotPresent"),
+        "command": ["/bin/sh", "-c", dispatcher_script(c)],
+        "env": [{"name": "OCTASKLY_LOG_FORMAT", "value": "json"}],
+        "ports": [
+            {"name": "api", "containerPort": API_PORT, "protocol": "TCP"},
+            {"name": "p2p", "containerPort": P2P_PORT, "protocol": "TCP"},
+            {"name": "p2p-quic", "containerPort": P2P_PORT, "protocol": "UDP"},
+        ],
+        "readinessProbe": _probe("/ready", 2, 1),
+        "livenessProbe": _probe("/health", 10, 3),
+        "volumeMounts": [*_mounts(), {"name": "data", "mountPath": DATA_DIR}],
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    if d.get("resources"):
+        container["resources"] = d["resources"]
+    pod_spec: dict[str, Any] = {
+        "automountServiceAccountToken": False,
+        "securityContext": _security(),
+        "terminationGracePeriodSeconds": 30,
+        "containers": [container],
+        "volumes": [*_volumes(c), {"name": "tmp", "emptyDir": {}}],
+        **_placement(d),
+        **_pull_secrets(c),
+    }
+    container["volumeMounts"].append({"name": "tmp", "mountPath": "/tmp"})
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": c.meta(c.n("dispatcher"), "dispatcher"),
+        "spec": {
+            "serviceName": c.n("dispatcher-hl"),
+            "replicas": c.dispatcher_replicas,
+            "podManagementPolicy": "Parallel",
+            "selector": {"matchLabels": c.selector("dispatcher")},
+            "persistentVolumeClaimRetentionPolicy": {"whenDeleted": policy, "whenScaled": "Retain"},
+            # the operator rolls dispatchers itself: standby first, then a switchover,
+            # then the old primary (CloudNativePG's order)
+            "updateStrategy": {"type": "OnDelete"},
+            "template": {
+                "metadata": {
+                    "labels": c.labels("dispatcher"),
+                    "annotations": {CONFIG_HASH_ANNOTATION: _hash(config_toml(c))},
+                },
+                "spec": pod_spec,
+            },
+            "volumeClaimTemplates": [claim],
+        },
+    }
+
+
+def headless_service(c: Cluster) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": c.meta(c.n("dispatcher-hl"), "dispatcher"),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,  # a standby is never "ready" yet must be found
+            "selector": c.selector("dispatcher"),
+            "ports": [
+                {"name": "p2p", "port": P2P_PORT, "targetPort": "p2p", "protocol": "TCP"},
+                {"name": "api", "port": API_PORT, "targetPort": "api", "protocol": "TCP"},
+            ],
+        },
+    }
+
+
+def rw_service(c: Cluster) -> dict[str, Any]:
+    """API and P2P of the current primary: selects the pod the operator labels primary."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": c.meta(c.n("rw"), "dispatcher"),
+        "spec": {
+            "selector": {**c.selector("dispatcher"), ROLE_LABEL: "primary"},
+            "ports": [
+                {"name": "api", "port": API_PORT, "targetPort": "api", "protocol": "TCP"},
+                {"name": "p2p", "port": P2P_PORT, "targetPort": "p2p", "protocol": "TCP"},
+                {"name": "p2p-quic", "port": P2P_PORT, "targetPort": "p2p-quic", "protocol": "UDP"},
+            ],
+        },
+    }
+
+
+def pdb(c: Cluster) -> dict[str, Any] | None:
+    """One dispatcher may be disrupted at a time — only with a standby (otherwise a PDB
+    would block every node drain)."""
+    if not c.standby:
+        return None
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": c.meta(c.n("dispatcher"), "dispatcher"),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": c.selector("dispatcher")}},
+    }
+
+
+# -- workers -------------------------------------------------------------------------------------
+def workers_deployment(c: Cluster) -> dict[str, Any]:
+    w = c.workers
+    drain = int(w.get("drainTimeoutSeconds", 300))
+    args = [
+        "worker",
+        "--config",
+        f"{CONFIG_DIR}/octaskly.toml",
+        "--name",
+        "$(POD_NAME)",
+        "--drain-timeout",
+        str(drain),
+    ]
+    container: dict[str, Any] = {
+        "name": "worker",
+        "image": c.image,
+        "imagePullPolicy": c.spec.get("imagePullPolicy", "IfNotPresent"),
+        "command": [PYZ],
+        "args": args,
+        "env": [
+            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": "OCTASKLY_LOG_FORMAT", "value": "json"},
+        ],
+        "volumeMounts": [*_mounts(), {"name": "work", "mountPath": "/tmp"}],
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+    }
+    if w.get("resources"):
+        container["resources"] = w["resources"]
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": c.meta(c.n("workers"), "worker"),
+        "spec": {
+            "replicas": int(w.get("replicas", 2)),
+            "selector": {"matchLabels": c.selector("worker")},
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+            },
+            "template": {
+                "metadata": {
+                    "labels": c.labels("worker"),
+                    "annotations": {CONFIG_HASH_ANNOTATION: _hash(config_toml(c))},
+                },
+                "spec": {
+                    "automountServiceAccountToken": False,
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "runAsUser": 10001,
+                        "runAsGroup": 10001,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    # a stopping worker finishes (or hands back) its tasks first
+                    "terminationGracePeriodSeconds": drain + 30,
+                    "containers": [container],
+                    "volumes": [*_volumes(c), {"name": "work", "emptyDir": {}}],
+                    **_placement(w),
+                    **_pull_secrets(c),
+                },
+            },
+        },
+    }
+
+
+# -- backups -------------------------------------------------------------------------------------
+def backup_claim(c: Cluster) -> dict[str, Any] | None:
+    b = c.backup
+    storage = b.get("storage") or {}
+    if not b.get("enabled", True) or storage.get("existingClaim"):
+        return None
+    spec: dict[str, Any] = {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": storage.get("size", "20Gi")}},
+    }
+    if storage.get("storageClassName"):
+        spec["storageClassName"] = storage["storageClassName"]
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": c.meta(c.n("backups"), "backup"),
+        "spec": spec,
+    }
+
+
+def backup_script(c: Cluster) -> str:
+    days = int(c.backup.get("retentionDays", 30))
+    api = f"http://{c.n('rw')}.{c.namespace}.svc:{API_PORT}"
+    return (
+        "set -eu\n"
+        f'out="{BACKUP_DIR}/octaskly-$(date -u +%Y%m%d-%H%M%S).db"\n'
+        f'{PYZ} backup --api-url {api} --output "$out"\n'
+        # exactly the backups older than the retention, nothing else in the volume
+        f"find {BACKUP_DIR} -maxdepth 1 -name 'octaskly-*.db' -type f -mmin +{days * 1440}"
+        " -delete\n"
+    )
+
+
+def backup_cronjob(c: Cluster) -> dict[str, Any] | None:
+    b = c.backup
+    if not b.get("enabled", True):
+        return None
+    storage = b.get("storage") or {}
+    claim = storage.get("existingClaim") or c.n("backups")
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "CronJob",
+        "metadata": c.meta(c.n("backup"), "backup"),
+        "spec": {
+            "schedule": b.get("schedule", "0 2 * * *"),
+            "concurrencyPolicy": "Forbid",
+            "successfulJobsHistoryLimit": 3,
+            "failedJobsHistoryLimit": 3,
+            "jobTemplate": {
+                "spec": {
+                    "backoffLimit": 2,
+                    "template": {
+                        "metadata": {"labels": c.labels("backup")},
+                        "spec": {
+                            "restartPolicy": "OnFailure",
+                            "automountServiceAccountToken": False,
+                            "securityContext": _security(),
+                            "containers": [
+                                {
+                                    "name": "backup",
+                                    "image": c.image,
+                                    "imagePullPolicy": c.spec.get(
+                                        "imagePullPolicy", "IfNotPresent"
+                                    ),
+                                    "command": ["/bin/sh", "-c", backup_script(c)],
+                                    "env": [
+                                        {
+                                            "name": "OCTASKLY_SECRET_KEY_FILE",
+                                            "value": f"{KEY_DIR}/{KEY_FILE}",
+                                        }
+                                    ],
+                                    "volumeMounts": [
+                                        {"name": "key", "mountPath": KEY_DIR, "readOnly": True},
+                                        {"name": "backups", "mountPath": BACKUP_DIR},
+                                    ],
+                                    "securityContext": {
+                                        "allowPrivilegeEscalation": False,
+                                        "capabilities": {"drop": ["ALL"]},
+                                    },
+                                }
+                            ],
+                            "volumes": [
+                                {
+                                    "name": "key",
+                                    "secret": {"secretName": c.n("key"), "defaultMode": 0o400},
+                                },
+                                {"name": "backups", "persistentVolumeClaim": {"claimName": claim}},
+                            ],
+                            **_pull_secrets(c),
+                        },
+                    },
+                }
+            },
+        },
+    }
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def _placement(part: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if part.get("nodeSelector"):
+        out["nodeSelector"] = part["nodeSelector"]
+    if part.get("tolerations"):
+        out["tolerations"] = part["tolerations"]
+    return out
+
+
+def _pull_secrets(c: Cluster) -> dict[str, Any]:
+    secrets = c.spec.get("imagePullSecrets") or []
+    return {"imagePullSecrets": secrets} if secrets else {}
+
+
+def _hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def desired(c: Cluster) -> list[dict[str, Any]]:
+    """Every object the cluster should have (the key Secret is handled apart: its value is
+    generated once and rotated, never re-rendered)."""
+    objects = [
+        config_map(c),
+        headless_service(c),
+        rw_service(c),
+        statefulset(c),
+        workers_deployment(c),
+        pdb(c),
+        backup_claim(c),
+        backup_cronjob(c),
+    ]
+    return [o for o in objects if o is not None]
+
+
+def absent(c: Cluster) -> list[tuple[str, str, str]]:
+    """(apiVersion, kind, name) of optional objects the spec no longer wants."""
+    out = []
+    if pdb(c) is None:
+        out.append(("policy/v1", "PodDisruptionBudget", c.n("dispatcher")))
+    if backup_cronjob(c) is None:
+        out.append(("batch/v1", "CronJob", c.n("backup")))
+    return out
