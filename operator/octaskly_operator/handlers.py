@@ -39,6 +39,16 @@ def configure(*, kubeconfig: str | None, namespaces: list[str]) -> None:
     _state.update(kubeconfig=kubeconfig, namespaces=namespaces)
 
 
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """In a pod: its service account; elsewhere: --kubeconfig, $KUBECONFIG or ~/.kube."""
+    if not _state.get("kubeconfig"):
+        info = kopf.login_with_service_account(**kwargs)
+        if info is not None:
+            return info
+    return kopf.login_with_kubeconfig(**kwargs)
+
+
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     # progress and last-handled state in annotations: undeclared status fields would be

@@ -1,0 +1,336 @@
+"""The operator against a real kube-apiserver + kube-controller-manager (no kubelet: pods
+stay Pending, so a test marks them Ready through the status subresource when it needs
+them ready). The operator runs as a real `octaskly-operator` process."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.k8s import testenv
+from tests.k8s.conftest import Kubectl
+
+REPO = Path(__file__).resolve().parents[2]
+CRD = REPO / "operator" / "crds" / "octasklyclusters.octaskly.io.yaml"
+EXAMPLE = REPO / "operator" / "examples" / "octaskly-cluster.yaml"
+
+
+def wait_for(predicate: Callable[[], Any], *, timeout: float = 60, what: str = "it") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def get(kubectl: Kubectl, kind: str, name: str, ns: str) -> dict[str, Any] | None:
+    proc = kubectl("get", kind, name, "-n", ns, "-o", "json", check=False)
+    return json.loads(proc.stdout) if proc.returncode == 0 else None
+
+
+@pytest.fixture(scope="module")
+def crd(kubectl: Kubectl) -> None:
+    kubectl("apply", "--server-side", "-f", str(CRD))
+    kubectl(
+        "wait", "--for=condition=Established", "crd/octasklyclusters.octaskly.io", "--timeout=30s"
+    )
+
+
+@pytest.fixture
+def operator_process(
+    control_plane: testenv.ControlPlane, crd: None, k8s_namespace: str, tmp_path: Path
+) -> Iterator[subprocess.Popen[bytes]]:
+    log = (tmp_path / "operator.log").open("wb")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "octaskly_operator.main",
+            "--kubeconfig",
+            str(control_plane.kubeconfig),
+            "--namespace",
+            k8s_namespace,
+            "--liveness",
+            "",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        print((tmp_path / "operator.log").read_text()[-3000:])
+
+
+def _apply_example(kubectl: Kubectl, ns: str, **changes: Any) -> dict[str, Any]:
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    doc["metadata"]["namespace"] = ns
+    for path, value in changes.items():
+        node = doc
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    kubectl("apply", "-f", "-", input=yaml.safe_dump(doc))
+    return doc
+
+
+def _mark_ready(kubectl: Kubectl, ns: str, pod: str, ready: bool = True) -> None:
+    status = "True" if ready else "False"
+    patch = {
+        "status": {
+            "phase": "Running",
+            "conditions": [
+                {"type": "Ready", "status": status},
+                {"type": "ContainersReady", "status": status},
+            ],
+        }
+    }
+    kubectl("patch", "pod", pod, "-n", ns, "--subresource=status", "--type=merge",
+            "-p", json.dumps(patch))  # fmt: skip
+
+
+def test_the_example_is_accepted_and_bad_specs_are_rejected_by_the_api_server(
+    kubectl: Kubectl, crd: None, k8s_namespace: str
+) -> None:
+    ns = k8s_namespace
+    doc = _apply_example(kubectl, ns)
+    stored = get(kubectl, "octasklycluster", doc["metadata"]["name"], ns)
+    assert stored is not None
+    # defaults filled in by the API server from the schema
+    assert stored["spec"]["dispatcher"]["failoverTimeoutSeconds"] == 5
+    assert stored["spec"]["imagePullPolicy"] == "IfNotPresent"
+    bad = {
+        "workers.sandboxLevel": "paranoid",
+        "workers.replicas": -1,
+        "workers.maxJobs": 0,
+        "backup.schedule": "every night at two",
+        "dispatcher.replication": "eventually",
+        "secret.rotationInterval": "a month",
+        "dispatcher.storage.size": "lots",
+        "bogusField": 1,
+    }
+    for path, value in bad.items():
+        doc = yaml.safe_load(EXAMPLE.read_text())
+        doc["metadata"] = {"name": "bad", "namespace": ns}
+        node = doc["spec"]
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+        proc = kubectl("apply", "--server-side", "-f", "-", input=yaml.safe_dump(doc), check=False)
+        # (an unknown field: strict field validation, the structural schema knows every field)
+        assert proc.returncode != 0, f"{path}={value!r} was accepted"
+        assert "spec." in proc.stderr or "unknown field" in proc.stderr, proc.stderr
+        assert get(kubectl, "octasklycluster", "bad", ns) is None
+    # a backup is restored only into a new cluster: bootstrap is immutable
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    doc["metadata"] = {"name": "restored", "namespace": ns}
+    doc["spec"]["bootstrap"] = {"restoreFrom": {"claimName": "old", "file": "octaskly-1.db"}}
+    kubectl("apply", "-f", "-", input=yaml.safe_dump(doc))
+    doc["spec"]["bootstrap"]["restoreFrom"]["file"] = "octaskly-2.db"
+    proc = kubectl("apply", "-f", "-", input=yaml.safe_dump(doc), check=False)
+    assert proc.returncode != 0 and "immutable" in proc.stderr
+
+
+def test_the_operator_builds_the_cluster_reports_truthfully_and_rolls_out_edits(
+    kubectl: Kubectl,
+    operator_process: subprocess.Popen[bytes],
+    k8s_namespace: str,
+    tmp_path: Path,
+) -> None:
+    ns = k8s_namespace
+    doc = _apply_example(kubectl, ns)
+    name = doc["metadata"]["name"]
+    cluster = get(kubectl, "octasklycluster", name, ns)
+    assert cluster is not None
+    uid = cluster["metadata"]["uid"]
+    owned = {
+        "secret": f"{name}-key",
+        "configmap": f"{name}-config",
+        "service": f"{name}-rw",
+        "statefulset": f"{name}-dispatcher",
+        "deployment": f"{name}-workers",
+        "poddisruptionbudget": f"{name}-dispatcher",
+        "cronjob": f"{name}-backup",
+        "persistentvolumeclaim": f"{name}-backups",
+    }
+    for kind, obj_name in owned.items():
+        obj = wait_for(lambda k=kind, n=obj_name: get(kubectl, k, n, ns), what=f"{kind} {obj_name}")
+        (owner,) = obj["metadata"]["ownerReferences"]
+        assert owner["uid"] == uid and owner["kind"] == "OctasklyCluster"
+    assert get(kubectl, "service", f"{name}-dispatcher-hl", ns) is not None
+    # the key: generated, 32+ characters, never in the operator's log
+    secret = get(kubectl, "secret", f"{name}-key", ns)
+    assert secret is not None
+    key = base64.b64decode(secret["data"]["secret.key"]).decode()
+    assert len(key) >= 32
+    sts = get(kubectl, "statefulset", f"{name}-dispatcher", ns)
+    assert sts is not None and sts["spec"]["replicas"] == 2
+    container = sts["spec"]["template"]["spec"]["containers"][0]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+    # the controllers make pods (Pending: no kubelet); the status says so, never Ready
+    wait_for(lambda: get(kubectl, "pod", f"{name}-dispatcher-0", ns), what="dispatcher pod")
+    status = wait_for(
+        lambda: (get(kubectl, "octasklycluster", name, ns) or {}).get("status", {}).get("phase"),
+        what="a phase",
+    )
+    assert status == "Provisioning"
+    # pods become ready: the primary is labelled, the cluster Healthy
+    wait_for(lambda: get(kubectl, "pod", f"{name}-dispatcher-1", ns), what="standby pod")
+    _mark_ready(kubectl, ns, f"{name}-dispatcher-0")
+    _mark_ready(kubectl, ns, f"{name}-dispatcher-1")
+    wait_for(
+        lambda: len(
+            json.loads(
+                kubectl("get", "pods", "-n", ns, "-l", "octaskly.io/component=worker",
+                        "-o", "json").stdout
+            )["items"]
+        ) == 3,
+        what="3 worker pods",
+    )  # fmt: skip
+    for pod in json.loads(
+        kubectl("get", "pods", "-n", ns, "-l", "octaskly.io/component=worker", "-o", "json").stdout
+    )["items"]:
+        _mark_ready(kubectl, ns, pod["metadata"]["name"])
+    primary = wait_for(
+        lambda: (
+            (get(kubectl, "pod", f"{name}-dispatcher-0", ns) or {})["metadata"]
+            .get("labels", {})
+            .get("octaskly.io/role")
+            == "primary"
+        ),
+        what="the primary label",
+    )
+    assert primary
+    # (no kubelet: the Deployment's readyReplicas comes from the ReplicaSet controller once
+    # the pods report Ready)
+    healthy = wait_for(
+        lambda: (
+            (get(kubectl, "octasklycluster", name, ns) or {}).get("status", {}).get("phase")
+            == "Healthy"
+        ),
+        timeout=60,
+        what="phase Healthy",
+    )
+    assert healthy
+    columns = kubectl("get", "octasklyclusters", "-n", ns).stdout
+    print(columns)
+    header = columns.splitlines()[0].split()
+    assert header[:4] == ["NAME", "PHASE", "PRIMARY", "WORKERS"]
+    assert f"{name}-dispatcher-0" in columns and "3/3" in columns
+    conditions = {
+        c["type"]: c["status"]
+        for c in get(kubectl, "octasklycluster", name, ns)["status"]["conditions"]  # type: ignore[index]
+    }
+    assert conditions["Ready"] == "True" and conditions["WorkersReady"] == "True"
+    # kubectl scale works through the scale subresource; an image change rolls out in place
+    kubectl("scale", "octasklycluster", name, "-n", ns, "--replicas=5")
+    wait_for(
+        lambda: (get(kubectl, "deployment", f"{name}-workers", ns) or {})["spec"]["replicas"] == 5,
+        what="5 workers",
+    )
+    kubectl("patch", "octasklycluster", name, "-n", ns, "--type=merge",
+            "-p", json.dumps({"spec": {"image": "octaskly:0.3.0"}}))  # fmt: skip
+    wait_for(
+        lambda: all(
+            (get(kubectl, kind, f"{name}-{suffix}", ns) or {})["spec"]["template"]["spec"][
+                "containers"
+            ][0]["image"]
+            == "octaskly:0.3.0"
+            for kind, suffix in (("deployment", "workers"), ("statefulset", "dispatcher"))
+        ),
+        what="the new image",
+    )
+    # standby off: one dispatcher, no PDB (it would block node drains)
+    kubectl("patch", "octasklycluster", name, "-n", ns, "--type=merge",
+            "-p", json.dumps({"spec": {"dispatcher": {"standby": False}}}))  # fmt: skip
+    wait_for(
+        lambda: get(kubectl, "poddisruptionbudget", f"{name}-dispatcher", ns) is None,
+        what="the PDB removed",
+    )
+    assert get(kubectl, "statefulset", f"{name}-dispatcher", ns)["spec"]["replicas"] == 1  # type: ignore[index]
+    # the key was not re-generated by any of these changes
+    again = get(kubectl, "secret", f"{name}-key", ns)
+    assert again is not None and again["data"]["secret.key"] == secret["data"]["secret.key"]
+    # deleting the cluster garbage-collects what it owned (no finalizer holds it)
+    assert not get(kubectl, "octasklycluster", name, ns)["metadata"].get("finalizers")  # type: ignore[index]
+    kubectl("delete", "octasklycluster", name, "-n", ns, "--wait=true", "--timeout=30s")
+    for kind, obj_name in owned.items():
+        wait_for(
+            lambda k=kind, n=obj_name: get(kubectl, k, n, ns) is None,
+            what=f"{kind} {obj_name} collected",
+        )
+    assert operator_process.poll() is None  # it ran through all of that
+    assert key not in (tmp_path / "operator.log").read_text()  # the key is never logged
+
+
+def test_helm_chart_lints_renders_and_the_api_server_accepts_it(
+    control_plane: testenv.ControlPlane, kubectl: Kubectl, crd: None, k8s_namespace: str
+) -> None:
+    helm = str(testenv.build()["helm"])
+    chart = str(REPO / "helm" / "octaskly-operator")
+    subprocess.run([helm, "lint", chart, "--kube-version", "1.34.0"], check=True)
+    for values in ([], ["--set", f"watchNamespaces={{{k8s_namespace}}}"]):
+        rendered = subprocess.run(
+            [helm, "template", "op", chart, "--namespace", k8s_namespace, "--include-crds",
+             "--kube-version", "1.34.0", *values],
+            check=True, capture_output=True, text=True,
+        ).stdout  # fmt: skip
+        proc = kubectl("apply", "--dry-run=server", "-f", "-", input=rendered, check=False)
+        assert proc.returncode == 0, proc.stderr
+    bad = subprocess.run(
+        [helm, "template", "op", chart, "--kube-version", "1.34.0", "--set", "logLevel=loud"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert bad.returncode != 0 and "logLevel" in bad.stderr
+    # the chart's CRD is the operator's CRD
+    assert (REPO / "helm/octaskly-operator/crds/octasklyclusters.octaskly.io.yaml").read_text() == (
+        CRD.read_text()
+    )
+    # the plain manifests too (installed for real: without a kubelet the pod stays Pending)
+    for path in ("operator/deploy/operator.yaml", "operator/deploy/rbac.yaml"):
+        kubectl("apply", "-f", str(REPO / path))
+    deployment = get(kubectl, "deployment", "octaskly-operator", "octaskly-system")
+    assert deployment is not None and deployment["spec"]["strategy"]["type"] == "Recreate"
+    # least privilege: the operator may not touch what it does not manage
+    sa = "system:serviceaccount:octaskly-system:octaskly-operator"
+    for verb, what, allowed in (
+        ("patch", "octasklyclusters.octaskly.io --subresource=status", "yes"),
+        ("create", "statefulsets.apps", "yes"),
+        ("delete", "nodes", "no"),
+        ("create", "clusterrolebindings.rbac.authorization.k8s.io", "no"),
+        ("create", "pods --subresource=exec", "no"),
+        ("create", "daemonsets.apps", "no"),
+    ):
+        wait_for(  # (the authorizer learns of new roles a moment later)
+            lambda v=verb, w=what, a=allowed: (
+                kubectl(
+                    "auth", "can-i", v, *w.split(), "--as", sa, "-A", check=False
+                ).stdout.strip()
+                == a
+            ),
+            timeout=20,
+            what=f"can-i {verb} {what} == {allowed}",
+        )
