@@ -19,11 +19,11 @@ from typing import Any, cast
 
 import kopf
 
-from octaskly_operator import kube, model
+from octaskly_operator import failover, kube, model
 
 log = logging.getLogger(__name__)
 
-OBSERVE_SECONDS = 5.0
+OBSERVE_SECONDS = 2.0
 _state: dict[str, Any] = {}
 
 
@@ -169,7 +169,8 @@ def _now() -> str:
 
 
 def observe(k: kube.Kube, obj: dict[str, Any]) -> dict[str, Any]:
-    """Read what exists, label the primary, and write the status that is true now."""
+    """Read what exists, fail over if the primary is lost, label the primary, and write
+    the status that is true now."""
     meta, spec = obj["metadata"], obj.get("spec") or {}
     c = model.Cluster(meta["name"], meta["namespace"], meta["uid"], spec)
     status = dict(obj.get("status") or {})
@@ -180,9 +181,19 @@ def observe(k: kube.Kube, obj: dict[str, Any]) -> dict[str, Any]:
     if primary not in {c.pod(i) for i in range(c.dispatcher_replicas)}:
         primary = c.pod(0)
     standby = next((c.pod(i) for i in range(c.dispatcher_replicas) if c.pod(i) != primary), None)
-    _label_roles(k, c, pods, primary)
     primary_ready = primary in pods and _ready(pods[primary])
     standby_ready = standby is not None and standby in pods and _ready(pods[standby])
+    extra: dict[str, Any] = {}
+    if not primary_ready and standby_ready and standby is not None:
+        lost_for = failover.lost_for(c, primary, pods.get(primary))
+        timeout = int(c.dispatcher.get("failoverTimeoutSeconds", 5))
+        if lost_for >= timeout:
+            outcome = failover.promote(k, c, obj, pods[standby], lost_for)
+            if outcome is not None:
+                primary, standby = standby, primary
+                primary_ready, standby_ready = True, False
+                extra = outcome
+    _label_roles(k, c, pods, primary)
     deployment = k.get("apps/v1", "Deployment", c.n("workers"), c.namespace) or {}
     dstatus = deployment.get("status") or {}
     desired = int((spec.get("workers") or {}).get("replicas", 2))
@@ -255,11 +266,12 @@ def observe(k: kube.Kube, obj: dict[str, Any]) -> dict[str, Any]:
         },
         "conditions": conditions,
     }
+    new_status.update(extra)
     if last_backup:
         new_status["lastBackup"] = last_backup
         new_status["lastBackupSucceeded"] = backup_ok
     if status.get("phase") != phase:
-        _event(k, obj, "Normal" if phase == "Healthy" else "Warning", phase, message)
+        event(k, obj, "Normal" if phase == "Healthy" else "Warning", phase, message)
     k.patch_status(model.GROUP, model.VERSION, model.PLURAL, c.name, c.namespace, new_status)
     return new_status
 
@@ -274,7 +286,7 @@ def _label_roles(
             k.patch_labels(name, c.namespace, {model.ROLE_LABEL: want})
 
 
-def _event(k: kube.Kube, obj: dict[str, Any], kind: str, reason: str, message: str) -> None:
+def event(k: kube.Kube, obj: dict[str, Any], kind: str, reason: str, message: str) -> None:
     meta = obj["metadata"]
     now = datetime.datetime.now(datetime.UTC)
     body = {

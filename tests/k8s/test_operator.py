@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -334,3 +336,147 @@ def test_helm_chart_lints_renders_and_the_api_server_accepts_it(
             timeout=20,
             what=f"can-i {verb} {what} == {allowed}",
         )
+
+
+def _pod_status(kubectl: Kubectl, ns: str, pod: str, *, ip: str, ready: bool) -> None:
+    status = "True" if ready else "False"
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    patch = {
+        "status": {
+            "phase": "Running",
+            "podIP": ip,
+            "podIPs": [{"ip": ip}],
+            "conditions": [
+                {"type": "Ready", "status": status, "lastTransitionTime": now},
+                {"type": "ContainersReady", "status": status, "lastTransitionTime": now},
+            ],
+        }
+    }
+    kubectl("patch", "pod", pod, "-n", ns, "--subresource=status", "--type=merge",
+            "-p", json.dumps(patch))  # fmt: skip
+
+
+def test_failover_promotes_the_standby_and_moves_the_primary_label(
+    kubectl: Kubectl,
+    operator_process: subprocess.Popen[bytes],
+    k8s_namespace: str,
+    tmp_path: Path,
+) -> None:
+    """The dispatcher pods are real octaskly dispatchers (processes on 127.0.0.2 and
+    127.0.0.3, whose addresses the test writes into the pods' status, as a kubelet would):
+    kill -9 the primary and mark its pod unready; the operator promotes the standby through
+    its API, takes the Lease for it and moves the primary label, in under 10 s."""
+    ns = k8s_namespace
+    _apply_example(
+        kubectl, ns, **{"spec.workers.replicas": 0, "spec.dispatcher.failoverTimeoutSeconds": 2}
+    )
+    for i in (0, 1):
+        wait_for(lambda i=i: get(kubectl, "pod", f"demo-dispatcher-{i}", ns), what=f"pod {i}")
+    secret = wait_for(lambda: get(kubectl, "secret", "demo-key", ns), what="the key")
+    key_file = tmp_path / "key"
+    key_file.write_bytes(base64.b64decode(secret["data"]["secret.key"]))
+    key_file.chmod(0o600)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OCTASKLY_")}
+    common = [
+        *("--port", "5555", "--api-port", "3000", "--secret-key-file", str(key_file)),
+        *("--replication", "sync", "--auto-failover", "false", "--require-auth", "true"),
+    ]
+    nodes = [
+        (0, "127.0.0.2", []),
+        (1, "127.0.0.3", ["--role", "standby", "--primary-addr", "127.0.0.2:5555"]),
+    ]
+    procs, logs = [], []
+    try:
+        for ordinal, ip, role in nodes:
+            log = (tmp_path / f"d{ordinal}.log").open("wb")
+            logs.append(log)
+            argv = [
+                *(sys.executable, "-m", "octaskly", "dispatcher", "--bind", ip, *common),
+                *("--data-dir", str(tmp_path / f"d{ordinal}")),
+                *("--node-name", f"demo-dispatcher-{ordinal}", *role),
+            ]
+            procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env))
+            wait_for(lambda ip=ip: _http_ok(f"http://{ip}:3000/health"), what=f"{ip} up")
+            _pod_status(kubectl, ns, f"demo-dispatcher-{ordinal}", ip=ip, ready=ordinal == 0)
+        # (a kubelet would mark the standby's pod ready from its probes; the test does so
+        # once the standby is in sync)
+        wait_for(lambda: _standby_synced(key_file), timeout=30, what="the standby in sync")
+        _pod_status(kubectl, ns, "demo-dispatcher-1", ip="127.0.0.3", ready=True)
+        wait_for(
+            lambda: (
+                (get(kubectl, "pod", "demo-dispatcher-0", ns) or {})["metadata"]
+                .get("labels", {})
+                .get("octaskly.io/role")
+                == "primary"
+            ),
+            what="pod 0 labelled primary",
+        )
+        procs[0].kill()
+        procs[0].wait()
+        _pod_status(kubectl, ns, "demo-dispatcher-0", ip="127.0.0.2", ready=False)
+        lost_at = time.monotonic()
+        wait_for(
+            lambda: (
+                (get(kubectl, "pod", "demo-dispatcher-1", ns) or {})["metadata"]
+                .get("labels", {})
+                .get("octaskly.io/role")
+                == "primary"
+            ),
+            timeout=30,
+            what="the primary label on pod 1",
+        )
+        moved = time.monotonic() - lost_at
+        print(f"primary marked unready -> label moved to the standby: {moved:.1f}s")
+        assert moved < 10
+        assert _http_ok("http://127.0.0.3:3000/ready")  # the promoted dispatcher takes writes
+        cluster = wait_for(
+            lambda: (
+                (c := get(kubectl, "octasklycluster", "demo", ns))
+                and c.get("status", {}).get("currentPrimary") == "demo-dispatcher-1"
+                and c
+            ),
+            what="status.currentPrimary",
+        )
+        assert cluster["status"]["term"] == 2 and cluster["status"]["lastFailover"]
+        pod0 = get(kubectl, "pod", "demo-dispatcher-0", ns)
+        assert pod0 is not None and pod0["metadata"]["labels"]["octaskly.io/role"] == "standby"
+        lease = get(kubectl, "lease", "demo-primary", ns)
+        assert lease is not None and lease["spec"]["holderIdentity"] == "demo-dispatcher-1"
+        reasons = kubectl("get", "events", "-n", ns, "-o", "json").stdout
+        assert "FailingOver" in reasons and "FailedOver" in reasons
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        for log in logs:
+            log.close()
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except (OSError, ValueError):
+        return False
+
+
+def _standby_synced(key_file: Path) -> bool:
+    from octaskly.services import tokens as octaskly_tokens
+
+    token, _ = octaskly_tokens.sign(
+        octaskly_tokens.signing_key(key_file.read_bytes().strip()),
+        subject="test",
+        role="admin",
+        ttl=60,
+        now=time.time(),
+    )
+    request = urllib.request.Request(
+        "http://127.0.0.3:3000/api/v1/ha/status", headers={"Authorization": f"Bearer {token}"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=2) as response:
+            body = json.loads(response.read())
+    except (OSError, ValueError):
+        return False
+    replication = body.get("replication") or {}
+    return bool(replication.get("synced")) and replication.get("state") == "streaming"
