@@ -104,6 +104,11 @@ def ha_options(settings: config_settings.Settings) -> ha.Options:
         connect_timeout=min(5.0, settings.performance.connection_timeout),
         name=d.node_name or f"{socket.gethostname()}:{settings.network.port}",
         state_dir=settings.data_dir(),
+        advertise_host=(
+            None
+            if settings.network.bind_address in ("0.0.0.0", "::", "")
+            else settings.network.bind_address
+        ),
     )
 
 

@@ -218,8 +218,11 @@ class ReplicaHello(_Message):
     version: str = pydantic.Field(max_length=64)
     position: PositionModel
     port: int = pydantic.Field(ge=0, le=65535)
-    """The P2P port the standby listens on (its address is the connection's source);
-    0: not listening (a probe)."""
+    """The P2P port the standby listens on; 0: not listening (a probe)."""
+    host: str | None = pydantic.Field(
+        default=None, min_length=1, max_length=253, pattern=r"^[A-Za-z0-9.:\-]+$"
+    )
+    """Its address when it listens on one (else the connection's source address is used)."""
 
 
 class ReplicaWelcome(_Message):

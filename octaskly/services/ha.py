@@ -63,6 +63,8 @@ class Options:
     """This dispatcher's name among its peers (default: HOST:PORT)."""
     state_dir: Path | None = None
     """Where the last known peer is remembered (the data dir); None: nowhere."""
+    advertise_host: str | None = None
+    """The address peers reach this dispatcher at, when it listens on one address."""
 
 
 @dataclasses.dataclass

@@ -178,7 +178,7 @@ class Source:
         p = hello.position
         fits = p.db_id == current.db_id and changes.on_history(history, p.term, p.lsn, current.lsn)
         stream = fits and self.covers(p.lsn + 1)
-        host = conn.peer.rsplit(":", 1)[0]
+        host = hello.host or conn.peer.rsplit(":", 1)[0]
         address = f"{host}:{hello.port}" if hello.port else None
         await conn.send(
             messages.to_wire(
@@ -422,6 +422,7 @@ class Follower:
                     version=__version__,
                     position=messages.PositionModel(db_id=p.db_id, term=p.term, lsn=p.lsn),
                     port=ha.p2p_port,
+                    host=ha.options.advertise_host,
                 )
             )
         )

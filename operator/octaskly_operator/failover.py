@@ -57,7 +57,7 @@ def _parse(text: str) -> datetime.datetime:
     return datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
-def _token(k: kube.Kube, c: model.Cluster) -> str:
+def admin_token(k: kube.Kube, c: model.Cluster) -> str:
     key = handlers.secret_value(k, c)
     if key is None:
         raise RuntimeError(f"no cluster key in Secret {c.n('key')}")
@@ -117,13 +117,16 @@ def promote(
         url,
         data=b"{}",
         method="POST",
-        headers={"Content-Type": "application/json", "Authorization": f"Bearer {_token(k, c)}"},
+        headers={
+            "Content-Type": "application/json",
+            "Authorization": f"Bearer {admin_token(k, c)}",
+        },
     )
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             body = json.loads(response.read())
     except urllib.error.HTTPError as exc:
-        reason = _error(exc)
+        reason = error_text(exc)
         if exc.code == 409 and "already" in reason:  # promoted earlier (we died mid-way)
             body = {"term": None}
         else:
@@ -154,7 +157,7 @@ def promote(
     return out
 
 
-def _error(exc: urllib.error.HTTPError) -> str:
+def error_text(exc: urllib.error.HTTPError) -> str:
     try:
         return str(json.loads(exc.read()).get("error"))
     except (ValueError, AttributeError):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import datetime
 import logging
 import secrets
@@ -19,7 +20,7 @@ from typing import Any, cast
 
 import kopf
 
-from octaskly_operator import failover, kube, model
+from octaskly_operator import failover, kube, model, rollout
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ def observe_all() -> None:
             observe(k, obj)
 
 
-def _ready(pod: dict[str, Any]) -> bool:
+def pod_ready(pod: dict[str, Any]) -> bool:
     conditions = (pod.get("status") or {}).get("conditions") or []
     return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
 
@@ -168,6 +169,66 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+@dataclasses.dataclass
+class Roles:
+    primary: str
+    standby: str | None
+    primary_ready: bool
+    standby_ready: bool
+    failover: dict[str, Any]
+    rolling: str | None
+
+
+def _roles(
+    k: kube.Kube,
+    c: model.Cluster,
+    obj: dict[str, Any],
+    status: dict[str, Any],
+    pods: dict[str, dict[str, Any]],
+) -> Roles:
+    """Who is primary now: the recorded one, unless it is lost (failover) or a rollout
+    switches over."""
+    primary = status.get("currentPrimary") or c.pod(0)
+    if primary not in {c.pod(i) for i in range(c.dispatcher_replicas)}:
+        primary = c.pod(0)
+    standby = next((c.pod(i) for i in range(c.dispatcher_replicas) if c.pod(i) != primary), None)
+    primary_ready = primary in pods and pod_ready(pods[primary])
+    standby_ready = standby is not None and standby in pods and pod_ready(pods[standby])
+    if not primary_ready and standby_ready and standby is not None:
+        lost_for = failover.lost_for(c, primary, pods.get(primary))
+        if lost_for >= int(c.dispatcher.get("failoverTimeoutSeconds", 5)):
+            outcome = failover.promote(k, c, obj, pods[standby], lost_for)
+            if outcome is not None:
+                return Roles(standby, primary, True, False, outcome, None)
+    rolling = None
+    if primary_ready:
+        primary, standby, rolling = rollout.step(k, c, obj, pods, primary, standby)
+        if rolling == "SwitchingOver":
+            primary_ready, standby_ready = True, False
+    return Roles(primary, standby, primary_ready, standby_ready, {}, rolling)
+
+
+def _phase(
+    c: model.Cluster, roles: Roles, before: str | None, ready: int, desired: int
+) -> tuple[str, str]:
+    if roles.failover:
+        return "FailingOver", f"promoted {roles.primary}"
+    if roles.rolling is not None:
+        return roles.rolling, "rolling the dispatchers onto a new template"
+    if roles.primary_ready and (roles.standby_ready or not c.standby) and ready >= desired:
+        return "Healthy", "all dispatchers and workers are ready"
+    if not roles.primary_ready and before in (None, "Provisioning"):
+        return "Provisioning", f"waiting for the primary {roles.primary} to be ready"
+    missing = []
+    if not roles.primary_ready:
+        missing.append(f"primary {roles.primary} not ready")
+    if c.standby and not roles.standby_ready:
+        missing.append(f"standby {roles.standby} not ready")
+    if ready < desired:
+        missing.append(f"{ready}/{desired} workers ready")
+    return "Degraded", "; ".join(missing)
+
+
 def observe(k: kube.Kube, obj: dict[str, Any]) -> dict[str, Any]:
     """Read what exists, fail over if the primary is lost, label the primary, and write
     the status that is true now."""
@@ -177,22 +238,9 @@ def observe(k: kube.Kube, obj: dict[str, Any]) -> dict[str, Any]:
     pods = {
         p["metadata"]["name"]: p for p in k.list("v1", "Pod", c.namespace, c.selector("dispatcher"))
     }
-    primary = status.get("currentPrimary") or c.pod(0)
-    if primary not in {c.pod(i) for i in range(c.dispatcher_replicas)}:
-        primary = c.pod(0)
-    standby = next((c.pod(i) for i in range(c.dispatcher_replicas) if c.pod(i) != primary), None)
-    primary_ready = primary in pods and _ready(pods[primary])
-    standby_ready = standby is not None and standby in pods and _ready(pods[standby])
-    extra: dict[str, Any] = {}
-    if not primary_ready and standby_ready and standby is not None:
-        lost_for = failover.lost_for(c, primary, pods.get(primary))
-        timeout = int(c.dispatcher.get("failoverTimeoutSeconds", 5))
-        if lost_for >= timeout:
-            outcome = failover.promote(k, c, obj, pods[standby], lost_for)
-            if outcome is not None:
-                primary, standby = standby, primary
-                primary_ready, standby_ready = True, False
-                extra = outcome
+    roles = _roles(k, c, obj, status, pods)
+    primary, standby = roles.primary, roles.standby
+    primary_ready, standby_ready, extra = roles.primary_ready, roles.standby_ready, roles.failover
     _label_roles(k, c, pods, primary)
     deployment = k.get("apps/v1", "Deployment", c.n("workers"), c.namespace) or {}
     dstatus = deployment.get("status") or {}
@@ -205,19 +253,7 @@ def observe(k: kube.Kube, obj: dict[str, Any]) -> dict[str, Any]:
     backup_ok = bool(last_backup) and (not last_schedule or last_backup >= last_schedule)
     gen = meta.get("generation")
     previous = status.get("conditions") or []
-    if primary_ready and (standby_ready or not c.standby) and ready >= desired:
-        phase, message = "Healthy", "all dispatchers and workers are ready"
-    elif not primary_ready and status.get("phase") in (None, "Provisioning"):
-        phase, message = "Provisioning", f"waiting for the primary {primary} to be ready"
-    else:
-        missing = []
-        if not primary_ready:
-            missing.append(f"primary {primary} not ready")
-        if c.standby and not standby_ready:
-            missing.append(f"standby {standby} not ready")
-        if ready < desired:
-            missing.append(f"{ready}/{desired} workers ready")
-        phase, message = "Degraded", "; ".join(missing)
+    phase, message = _phase(c, roles, status.get("phase"), ready, desired)
     conditions = [
         _condition(
             previous,

@@ -5,6 +5,7 @@ them ready). The operator runs as a real `octaskly-operator` process."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import subprocess
@@ -370,6 +371,79 @@ def test_failover_promotes_the_standby_and_moves_the_primary_label(
     _apply_example(
         kubectl, ns, **{"spec.workers.replicas": 0, "spec.dispatcher.failoverTimeoutSeconds": 2}
     )
+    with real_dispatchers(kubectl, ns, tmp_path) as procs:
+        procs[0].kill()
+        procs[0].wait()
+        _pod_status(kubectl, ns, "demo-dispatcher-0", ip="127.0.0.2", ready=False)
+        lost_at = time.monotonic()
+        wait_for(
+            lambda: (
+                (get(kubectl, "pod", "demo-dispatcher-1", ns) or {})["metadata"]
+                .get("labels", {})
+                .get("octaskly.io/role")
+                == "primary"
+            ),
+            timeout=30,
+            what="the primary label on pod 1",
+        )
+        moved = time.monotonic() - lost_at
+        print(f"primary marked unready -> label moved to the standby: {moved:.1f}s")
+        assert moved < 10
+        assert _http_ok("http://127.0.0.3:3000/ready")  # the promoted dispatcher takes writes
+        cluster = wait_for(
+            lambda: (
+                (c := get(kubectl, "octasklycluster", "demo", ns))
+                and c.get("status", {}).get("currentPrimary") == "demo-dispatcher-1"
+                and c
+            ),
+            what="status.currentPrimary",
+        )
+        assert cluster["status"]["term"] == 2 and cluster["status"]["lastFailover"]
+        pod0 = get(kubectl, "pod", "demo-dispatcher-0", ns)
+        assert pod0 is not None and pod0["metadata"]["labels"]["octaskly.io/role"] == "standby"
+        lease = get(kubectl, "lease", "demo-primary", ns)
+        assert lease is not None and lease["spec"]["holderIdentity"] == "demo-dispatcher-1"
+        reasons = kubectl("get", "events", "-n", ns, "-o", "json").stdout
+        assert "FailingOver" in reasons and "FailedOver" in reasons
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except (OSError, ValueError):
+        return False
+
+
+def _standby_synced(key_file: Path, host: str = "127.0.0.3") -> bool:
+    from octaskly.services import tokens as octaskly_tokens
+
+    token, _ = octaskly_tokens.sign(
+        octaskly_tokens.signing_key(key_file.read_bytes().strip()),
+        subject="test",
+        role="admin",
+        ttl=60,
+        now=time.time(),
+    )
+    request = urllib.request.Request(
+        f"http://{host}:3000/api/v1/ha/status", headers={"Authorization": f"Bearer {token}"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=2) as response:
+            body = json.loads(response.read())
+    except (OSError, ValueError):
+        return False
+    replication = body.get("replication") or {}
+    return bool(replication.get("synced")) and replication.get("state") == "streaming"
+
+
+@contextlib.contextmanager
+def real_dispatchers(
+    kubectl: Kubectl, ns: str, tmp_path: Path
+) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Real dispatcher processes for pods demo-dispatcher-0 (primary, 127.0.0.2) and -1
+    (standby, 127.0.0.3), with the cluster's key; the pods marked ready with those IPs (as
+    a kubelet would) once the standby is in sync and pod 0 is labelled primary."""
     for i in (0, 1):
         wait_for(lambda i=i: get(kubectl, "pod", f"demo-dispatcher-{i}", ns), what=f"pod {i}")
     secret = wait_for(lambda: get(kubectl, "secret", "demo-key", ns), what="the key")
@@ -411,39 +485,7 @@ def test_failover_promotes_the_standby_and_moves_the_primary_label(
             ),
             what="pod 0 labelled primary",
         )
-        procs[0].kill()
-        procs[0].wait()
-        _pod_status(kubectl, ns, "demo-dispatcher-0", ip="127.0.0.2", ready=False)
-        lost_at = time.monotonic()
-        wait_for(
-            lambda: (
-                (get(kubectl, "pod", "demo-dispatcher-1", ns) or {})["metadata"]
-                .get("labels", {})
-                .get("octaskly.io/role")
-                == "primary"
-            ),
-            timeout=30,
-            what="the primary label on pod 1",
-        )
-        moved = time.monotonic() - lost_at
-        print(f"primary marked unready -> label moved to the standby: {moved:.1f}s")
-        assert moved < 10
-        assert _http_ok("http://127.0.0.3:3000/ready")  # the promoted dispatcher takes writes
-        cluster = wait_for(
-            lambda: (
-                (c := get(kubectl, "octasklycluster", "demo", ns))
-                and c.get("status", {}).get("currentPrimary") == "demo-dispatcher-1"
-                and c
-            ),
-            what="status.currentPrimary",
-        )
-        assert cluster["status"]["term"] == 2 and cluster["status"]["lastFailover"]
-        pod0 = get(kubectl, "pod", "demo-dispatcher-0", ns)
-        assert pod0 is not None and pod0["metadata"]["labels"]["octaskly.io/role"] == "standby"
-        lease = get(kubectl, "lease", "demo-primary", ns)
-        assert lease is not None and lease["spec"]["holderIdentity"] == "demo-dispatcher-1"
-        reasons = kubectl("get", "events", "-n", ns, "-o", "json").stdout
-        assert "FailingOver" in reasons and "FailedOver" in reasons
+        yield procs
     finally:
         for proc in procs:
             proc.kill()
@@ -452,31 +494,69 @@ def test_failover_promotes_the_standby_and_moves_the_primary_label(
             log.close()
 
 
-def _http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except (OSError, ValueError):
-        return False
+def _uid(kubectl: Kubectl, pod: str, ns: str) -> str | None:
+    found = get(kubectl, "pod", pod, ns)
+    return None if found is None else str(found["metadata"]["uid"])
 
 
-def _standby_synced(key_file: Path) -> bool:
-    from octaskly.services import tokens as octaskly_tokens
-
-    token, _ = octaskly_tokens.sign(
-        octaskly_tokens.signing_key(key_file.read_bytes().strip()),
-        subject="test",
-        role="admin",
-        ttl=60,
-        now=time.time(),
-    )
-    request = urllib.request.Request(
-        "http://127.0.0.3:3000/api/v1/ha/status", headers={"Authorization": f"Bearer {token}"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=2) as response:
-            body = json.loads(response.read())
-    except (OSError, ValueError):
-        return False
-    replication = body.get("replication") or {}
-    return bool(replication.get("synced")) and replication.get("state") == "streaming"
+def test_an_image_change_replaces_the_standby_then_switches_over_then_the_old_primary(
+    kubectl: Kubectl,
+    operator_process: subprocess.Popen[bytes],
+    k8s_namespace: str,
+    tmp_path: Path,
+) -> None:
+    """CloudNativePG's order, with real dispatchers behind the pods: the standby's pod is
+    replaced first, then the primary hands over by a real switchover (no loss), then the
+    old primary's pod is replaced."""
+    ns = k8s_namespace
+    _apply_example(kubectl, ns, **{"spec.workers.replicas": 0})
+    with real_dispatchers(kubectl, ns, tmp_path):
+        before = {i: _uid(kubectl, f"demo-dispatcher-{i}", ns) for i in (0, 1)}
+        wait_for(
+            lambda: (get(kubectl, "octasklycluster", "demo", ns) or {}).get("status", {})
+            .get("phase") == "Healthy",
+            what="Healthy before the change",
+        )  # fmt: skip
+        kubectl("patch", "octasklycluster", "demo", "-n", ns, "--type=merge",
+                "-p", json.dumps({"spec": {"image": "octaskly:0.3.0"}}))  # fmt: skip
+        wait_for(
+            lambda: _uid(kubectl, "demo-dispatcher-1", ns) not in (None, before[1]),
+            what="the standby's pod replaced",
+        )
+        assert _uid(kubectl, "demo-dispatcher-0", ns) == before[0]  # the primary waits
+        _pod_status(kubectl, ns, "demo-dispatcher-1", ip="127.0.0.3", ready=True)
+        wait_for(
+            lambda: (get(kubectl, "pod", "demo-dispatcher-1", ns) or {})["metadata"]
+            .get("labels", {}).get("octaskly.io/role") == "primary",
+            timeout=60,
+            what="the switchover",
+        )  # fmt: skip
+        assert _http_ok("http://127.0.0.3:3000/ready") and not _http_ok(
+            "http://127.0.0.2:3000/ready"
+        )
+        wait_for(
+            lambda: _uid(kubectl, "demo-dispatcher-0", ns) not in (None, before[0]),
+            what="the old primary's pod replaced",
+        )
+        _pod_status(kubectl, ns, "demo-dispatcher-0", ip="127.0.0.2", ready=True)
+        cluster = wait_for(
+            lambda: (
+                (c := get(kubectl, "octasklycluster", "demo", ns))
+                and c.get("status", {}).get("phase") == "Healthy"
+                and c
+            ),
+            what="Healthy after the rollout",
+        )
+        assert cluster["status"]["currentPrimary"] == "demo-dispatcher-1"
+        # the old primary follows the new one, in sync
+        wait_for(
+            lambda: _standby_synced(tmp_path / "key", host="127.0.0.2"),
+            timeout=30,
+            what="the old primary streaming from the new one",
+        )
+        events = kubectl("get", "events", "-n", ns, "-o", "json").stdout
+        for reason in ("Upgrading", "SwitchingOver", "SwitchedOver"):
+            assert reason in events, reason
+        for i in (0, 1):
+            pod = get(kubectl, "pod", f"demo-dispatcher-{i}", ns)
+            assert pod is not None and pod["spec"]["containers"][0]["image"] == "octaskly:0.3.0"

@@ -1,0 +1,95 @@
+"""Rolling the dispatchers onto a new pod template (image, resources, config), in
+CloudNativePG's order, one step per observation:
+
+1. the standby, if outdated, is deleted (the StatefulSet recreates it from the new
+   template; `updateStrategy: OnDelete` leaves the timing to us) and must be ready again;
+2. then, if the primary is outdated, the operator asks it to switch over
+   (`POST /api/v1/ha/switchover`: writes pause, the up-to-date standby catches up and
+   takes over with no loss) and moves the primary label;
+3. the old primary — now the standby — is deleted and comes back from the new template.
+
+A single dispatcher (no standby) can only be restarted: its pod is deleted once, with
+the downtime that implies.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import urllib.error
+import urllib.request
+from typing import Any
+
+from octaskly_operator import failover, handlers, kube, model
+
+log = logging.getLogger(__name__)
+
+
+def _revision(pod: dict[str, Any]) -> str | None:
+    labels = pod["metadata"].get("labels") or {}
+    return labels.get("controller-revision-hash")
+
+
+def step(
+    k: kube.Kube,
+    c: model.Cluster,
+    obj: dict[str, Any],
+    pods: dict[str, dict[str, Any]],
+    primary: str,
+    standby: str | None,
+) -> tuple[str, str | None, str | None]:
+    """One step of a rollout if one is due: (primary, standby, phase or None)."""
+    sts = k.get("apps/v1", "StatefulSet", c.n("dispatcher"), c.namespace) or {}
+    target = (sts.get("status") or {}).get("updateRevision")
+    if not target:
+        return primary, standby, None
+    outdated = {name for name, pod in pods.items() if _revision(pod) not in (None, target)}
+    if not outdated:
+        return primary, standby, None
+    ready = {name for name, pod in pods.items() if handlers.pod_ready(pod)}
+    if standby is not None and standby in outdated:
+        if standby in ready or standby not in pods:
+            handlers.event(k, obj, "Normal", "Upgrading", f"replacing the standby {standby}")
+            k.delete("v1", "Pod", standby, c.namespace)
+        return primary, standby, "Upgrading"
+    if primary in outdated:
+        if standby is None:
+            handlers.event(k, obj, "Normal", "Upgrading", f"restarting {primary} (no standby)")
+            k.delete("v1", "Pod", primary, c.namespace)
+            return primary, standby, "Upgrading"
+        if standby not in ready:
+            return primary, standby, "Upgrading"  # wait for the new standby
+        handlers.event(
+            k, obj, "Normal", "SwitchingOver", f"switching over from {primary} to {standby}"
+        )
+        if _switchover(k, c, obj, pods[primary]):
+            handlers.event(k, obj, "Normal", "SwitchedOver", f"{standby} is the primary now")
+            return standby, primary, "SwitchingOver"
+        return primary, standby, "Upgrading"
+    return primary, standby, None
+
+
+def _switchover(k: kube.Kube, c: model.Cluster, obj: dict[str, Any], pod: dict[str, Any]) -> bool:
+    ip = (pod.get("status") or {}).get("podIP")
+    if not ip:
+        return False
+    request = urllib.request.Request(
+        f"http://{ip}:{model.API_PORT}/api/v1/ha/switchover",
+        data=json.dumps({"timeout": 60}).encode(),
+        method="POST",
+        headers={
+            "Content-Type": "application/json",
+            "Authorization": f"Bearer {failover.admin_token(k, c)}",
+        },
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=90) as response:
+            body = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        handlers.event(k, obj, "Warning", "SwitchoverFailed", failover.error_text(exc))
+        return False
+    except (urllib.error.URLError, OSError) as exc:
+        handlers.event(k, obj, "Warning", "SwitchoverFailed", str(exc))
+        return False
+    log.info("switched over %s/%s: %s", c.namespace, c.name, body)
+    return True
