@@ -16,6 +16,7 @@ import dataclasses
 import datetime
 import logging
 import secrets
+import time
 from typing import Any, cast
 
 import kopf
@@ -25,6 +26,8 @@ from octaskly_operator import failover, kube, model, rollout
 log = logging.getLogger(__name__)
 
 OBSERVE_SECONDS = 2.0
+RESYNC_SECONDS = 15.0
+_resynced: dict[tuple[str, str, str], float] = {}
 _state: dict[str, Any] = {}
 
 
@@ -139,7 +142,23 @@ def observe_all() -> None:
         for obj in listed.get("items", []):
             if obj["metadata"].get("deletionTimestamp"):
                 continue
+            resync(k, obj)
             observe(k, obj)
+
+
+def resync(k: kube.Kube, obj: dict[str, Any]) -> None:
+    """Every RESYNC_SECONDS, apply the owned objects again: whatever was deleted or edited
+    behind the operator's back (or missed while it was down) comes back as specified."""
+    meta = obj["metadata"]
+    key = (meta["namespace"], meta["name"], meta["uid"])
+    now = time.monotonic()
+    if now - _resynced.get(key, 0.0) < RESYNC_SECONDS:
+        return
+    _resynced[key] = now
+    c = model.Cluster(meta["name"], meta["namespace"], meta["uid"], obj.get("spec") or {})
+    ensure_secret(k, c)
+    for desired in model.desired(c):
+        k.apply(desired)
 
 
 def pod_ready(pod: dict[str, Any]) -> bool:
