@@ -21,7 +21,7 @@ from typing import Any
 import psutil
 from aiohttp import web
 
-from octaskly import __version__, errors, files
+from octaskly import __version__, errors, files, keyring
 from octaskly.api import app as api_app
 from octaskly.cli import tokens_cmd
 from octaskly.config import settings as config_settings
@@ -74,9 +74,17 @@ def find_secret(settings: config_settings.Settings, data_dir: Path) -> bytes:
 
 
 # -- dispatcher -----------------------------------------------------------------------------
+def key_ring(settings: config_settings.Settings, secret: bytes) -> keyring.Keyring:
+    """The configured keys; backed by `secret_key_file` (re-read when it changes) if set."""
+    path = settings.security.secret_key_file if settings.security.secret_key is None else None
+    keys = settings.secret_keys() if path is not None else None
+    return keyring.Keyring(keys or [secret], path)
+
+
 def dispatcher_options(settings: config_settings.Settings, secret: bytes) -> dispatching.Options:
     return dispatching.Options(
         secret_key=secret,
+        keys=key_ring(settings, secret),
         whitelist=frozenset(settings.security.whitelist),
         default_timeout=settings.limits.default_timeout,
         default_cpu_seconds=settings.limits.default_cpu_seconds,
@@ -402,10 +410,12 @@ def worker_options(settings: config_settings.Settings) -> working.Options:
     if problem is not None:
         raise errors.ConfigError(f"sandbox_level = {w.sandbox_level.value}: {problem}")
     key_file = settings.security.secret_key_file
+    secret = find_secret(settings, settings.data_dir())
     return working.Options(
         name=w.name or socket.gethostname(),
         dispatcher_addrs=addrs,
-        secret_key=find_secret(settings, settings.data_dir()),
+        secret_key=secret,
+        keys=key_ring(settings, secret),
         resources=resources,
         max_jobs=w.max_jobs or cpus,
         sandbox_level=w.sandbox_level,

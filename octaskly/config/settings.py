@@ -17,7 +17,7 @@ from typing import Any, Literal
 import pydantic
 from pydantic import Field, SecretStr
 
-from octaskly import errors
+from octaskly import errors, keyring
 from octaskly.domain import models
 
 DB_FILE = "octaskly.db"
@@ -444,14 +444,18 @@ class Settings(_Table):
             raise errors.ConfigError(
                 f"secret_key_file {path}: cannot read: {exc.strerror or exc}"
             ) from None
-        data = data.removesuffix(b"\n").removesuffix(b"\r")
-        if not data:
-            raise errors.ConfigError(f"secret_key_file {path}: file is empty")
-        if len(data) < 16:
-            raise errors.ConfigError(
-                f"secret_key_file {path}: the key must be at least 16 characters"
-            )
-        return data
+        return keyring.parse(data, f"secret_key_file {path}")[0]
+
+    def secret_keys(self) -> list[bytes] | None:
+        """Every key of `secret_key` / `secret_key_file` (one per line: the current key
+        first, then keys still accepted during a rotation); None if neither is set."""
+        sec = self.security
+        if sec.secret_key is not None or sec.secret_key_file is None:
+            key = self.secret_bytes()
+            return None if key is None else [key]
+        return keyring.parse(
+            sec.secret_key_file.read_bytes(), f"secret_key_file {sec.secret_key_file}"
+        )
 
     def secret_file_or(self, default: Path) -> Path:
         """`secret_key_file` if set, else `default` (where a generated secret is kept)."""

@@ -19,6 +19,7 @@ import functools
 import hashlib
 import hmac
 import secrets
+from collections.abc import Callable
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -74,3 +75,11 @@ def dispatcher_proof(
 def verify(expected: str, given: str) -> bool:
     """Constant-time comparison of two proofs."""
     return hmac.compare_digest(expected.encode("ascii"), given.encode("ascii", "replace"))
+
+
+def first_key(keys: list[bytes], expected: Callable[[bytes], str], proof: str) -> bytes | None:
+    """The first of `keys` whose `expected(key)` proof matches `proof` (None: none does)."""
+    for key in keys:
+        if verify(expected(key), proof):
+            return key
+    return None

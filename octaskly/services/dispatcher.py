@@ -21,7 +21,7 @@ from typing import Any
 
 import psutil
 
-from octaskly import __version__, errors
+from octaskly import __version__, errors, keyring
 from octaskly.domain import models, queueing, scheduling
 from octaskly.protocol import messages
 from octaskly.services import auditing, ha, live, peering, tokens
@@ -29,6 +29,7 @@ from octaskly.store import base as store_base
 
 log = logging.getLogger(__name__)
 SCAN_LIMIT = 64
+KEY_CHECK_SECONDS = 2.0
 RUNNING = models.TaskStatus.RUNNING
 QUEUED = models.TaskStatus.QUEUED
 
@@ -39,6 +40,8 @@ class Options:
 
     secret_key: bytes
     whitelist: frozenset[str] = frozenset()
+    keys: keyring.Keyring | None = None
+    """The key file's keys (re-read when it changes); None: just `secret_key`."""
     default_timeout: int = 3600
     default_cpu_seconds: int | None = None
     """CPU seconds for tasks that set none ([limits] default_cpu_seconds)."""
@@ -86,8 +89,9 @@ class Dispatcher:
         self.runs: dict[str, Run] = {}
         self.outputs: dict[str, live.LiveOutput] = {}
         self.watchers = live.Watchers()
+        self.keys = options.keys or keyring.Keyring([options.secret_key])
         self.audit = auditing.AuditLog(options.audit_path, options.secret_key)
-        self.tokens = tokens.Tokens(options.secret_key, store, clock)
+        self.tokens = tokens.Tokens(self.keys, store, clock)
         self.peers = peering.Peers(self)
         self.ha = ha.HA(self, options.ha)
         self.queued_count = 0
@@ -114,6 +118,8 @@ class Dispatcher:
         await self.store.open()
         await self.tokens.load()
         await self.ha.start()
+        if self.keys.path is not None:
+            self.spawn(self._watch_keys_forever(), "key-file-watch")
         if self.options.audit_path is not None and self.options.audit_retention_days:
             self.spawn(self._prune_audit_forever(), "audit-retention")
 
@@ -180,6 +186,19 @@ class Dispatcher:
         source = self.ha.source
         if source is not None and source.sync:
             await source.wait(self.store.position.lsn)  # type: ignore[attr-defined]
+
+    async def _watch_keys_forever(self) -> None:
+        """A rotated key file (a Kubernetes Secret is updated in place) takes effect
+        without a restart: new keys are accepted, the first becomes current."""
+        while True:
+            await asyncio.sleep(KEY_CHECK_SECONDS)
+            if self.keys.reload_if_changed():
+                self.audit.record(
+                    "config_change",
+                    action="reload keys",
+                    actor="dispatcher",
+                    details={"file": str(self.keys.path), "keys": len(self.keys.accepted)},
+                )
 
     async def _prune_audit_forever(self) -> None:
         days = self.options.audit_retention_days

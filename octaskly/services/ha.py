@@ -78,7 +78,6 @@ class HA:
         self.d = dispatcher
         self.options = options
         self.role = options.role
-        self.auth_key = auth.derive_auth_key(dispatcher.options.secret_key)
         self.source: replication.Source | None = None
         self.follower: replication.Follower | None = None
         self._follower_task: asyncio.Task[None] | None = None
@@ -104,6 +103,11 @@ class HA:
         store = self.d.store
         assert isinstance(store, sqlite.SQLiteStore), "high availability needs the SQLite store"
         return store
+
+    @property
+    def auth_keys(self) -> list[bytes]:
+        """The P2P keys of every accepted cluster key, the current one first."""
+        return self.d.keys.derived("p2p-auth", auth.derive_auth_key)
 
     @property
     def enabled(self) -> bool:
@@ -516,7 +520,7 @@ class HA:
 
     # -- replication plumbing --------------------------------------------------------------
     async def accept_replica(
-        self, conn: transport.Connection, hello: messages.ReplicaHello, nonce: str
+        self, conn: transport.Connection, hello: messages.ReplicaHello, nonce: str, key: bytes
     ) -> None:
         """A standby connected (after its proof was checked)."""
         if self.role != "primary" or self.source is None or self.switching:
@@ -541,7 +545,7 @@ class HA:
             )
             log.error("standby %s has term %d > %d", hello.name, hello.position.term, self.term)
             return
-        await self.source.serve(conn, hello, nonce)
+        await self.source.serve(conn, hello, nonce, key)
 
     async def install_snapshot(self, partial: Path) -> None:
         """Replace this standby's database by a snapshot received from the primary."""

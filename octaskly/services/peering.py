@@ -46,7 +46,6 @@ class Session:
 class Peers:
     def __init__(self, dispatcher: Dispatcher) -> None:
         self._d = dispatcher
-        self._key = auth.derive_auth_key(dispatcher.options.secret_key)
         self.sessions: dict[str, Session] = {}
         self._handlers: set[asyncio.Task[Any]] = set()
         self._work_handlers: set[asyncio.Task[Any]] = set()
@@ -162,8 +161,9 @@ class Peers:
                 return
             hello = messages.parse_worker_message(raw)
             if isinstance(hello, messages.ReplicaHello):
-                if await self._check_replica(conn, hello, nonce):
-                    await self._d.ha.accept_replica(conn, hello, nonce)
+                key = await self._check_replica(conn, hello, nonce)
+                if key is not None:
+                    await self._d.ha.accept_replica(conn, hello, nonce, key)
             elif not isinstance(hello, messages.Hello):
                 raise errors.ProtocolError(f"expected hello, got {hello.type}")
             elif hello.purpose == "witness":
@@ -183,15 +183,18 @@ class Peers:
 
     async def _check_replica(
         self, conn: transport.Connection, hello: messages.ReplicaHello, nonce: str
-    ) -> bool:
-        """A dispatcher asking to replicate must prove the cluster key too."""
-        refusal = None
+    ) -> bytes | None:
+        """A dispatcher asking to replicate must prove the cluster key too; the key it
+        proved (None: refused)."""
+        refusal, key = None, None
         if hello.protocol != messages.PROTOCOL_VERSION:
             refusal = f"unsupported protocol version {hello.protocol}"
-        elif not self._proof_ok(hello.name, hello.nonce, hello.proof, nonce, conn.binding):
-            refusal = "authentication failed: the dispatcher does not have this cluster's key"
+        else:
+            key = self._proof_ok(hello.name, hello.nonce, hello.proof, nonce, conn.binding)
+            if key is None:
+                refusal = "authentication failed: the dispatcher does not have this cluster's key"
         if refusal is None:
-            return True
+            return key
         log.warning("refused standby %r from %s: %s", hello.name, conn.peer, refusal)
         self._d.audit.record(
             "standby_rejected",
@@ -202,24 +205,35 @@ class Peers:
             source_ip=auditing.source_ip(conn.peer),
         )
         await conn.send(messages.to_wire(messages.Reject(reason=refusal)))
-        return False
+        return None
 
     def _proof_ok(
         self, name: str, worker_nonce: str, proof: str, nonce: str, binding: bytes
-    ) -> bool:
-        expected = auth.worker_proof(
-            self._key, dispatcher_nonce=nonce, worker_nonce=worker_nonce, name=name, binding=binding
+    ) -> bytes | None:
+        """The accepted key (derived for P2P) the peer proved it has, or None."""
+        return auth.first_key(
+            self._d.keys.derived("p2p-auth", auth.derive_auth_key),
+            lambda key: auth.worker_proof(
+                key, dispatcher_nonce=nonce, worker_nonce=worker_nonce, name=name, binding=binding
+            ),
+            proof,
         )
-        return auth.verify(expected, proof)
 
     def _welcome(
-        self, conn: transport.Connection, hello: messages.Hello, nonce: str, **fields: Any
+        self,
+        conn: transport.Connection,
+        hello: messages.Hello,
+        nonce: str,
+        key: bytes,
+        **fields: Any,
     ) -> messages.Welcome:
+        """(proved with `key`, the one the worker used: during a key rotation a worker may
+        not have the new key yet)"""
         ha = self._d.ha
         return messages.Welcome(
             worker_id=hello.name,
             proof=auth.dispatcher_proof(
-                self._key,
+                key,
                 dispatcher_nonce=nonce,
                 worker_nonce=hello.nonce,
                 worker_id=hello.name,
@@ -235,10 +249,11 @@ class Peers:
     async def _witness(self, conn: transport.Connection, hello: messages.Hello, nonce: str) -> None:
         """A worker reports, about once a second, whether it reaches the primary."""
         ha = self._d.ha
-        if not self._proof_ok(hello.name, hello.nonce, hello.proof, nonce, conn.binding):
+        key = self._proof_ok(hello.name, hello.nonce, hello.proof, nonce, conn.binding)
+        if key is None:
             await conn.send(messages.to_wire(messages.Reject(reason="authentication failed")))
             return
-        await conn.send(messages.to_wire(self._welcome(conn, hello, nonce)))
+        await conn.send(messages.to_wire(self._welcome(conn, hello, nonce, key)))
         if hello.term > ha.term:
             ha.observe_term(hello.term, hello.primary)
         ha.witness_conns.add(conn)
@@ -284,8 +299,10 @@ class Peers:
                 )
             )
             return None
-        refusal = self._refusal(hello, nonce, conn.binding)
-        if refusal:
+        key = self._proof_ok(hello.name, hello.nonce, hello.proof, nonce, conn.binding)
+        refusal = self._refusal(hello, key)
+        if refusal is not None or key is None:
+            refusal = refusal or "authentication failed"
             log.warning("refused worker %r from %s: %s", hello.name, conn.peer, refusal)
             self._d.audit.record(
                 "worker_rejected",
@@ -301,7 +318,7 @@ class Peers:
         session = Session(hello.name, hello, conn, time.time(), now)
         abort = await self._reconcile(session)
         self.sessions[session.id] = session
-        await conn.send(messages.to_wire(self._welcome(conn, hello, nonce, abort=abort)))
+        await conn.send(messages.to_wire(self._welcome(conn, hello, nonce, key, abort=abort)))
         self._d.audit.record(
             "worker_joined",
             action="join",
@@ -321,10 +338,10 @@ class Peers:
         self._d.on_workers_changed()
         return session
 
-    def _refusal(self, hello: messages.Hello, nonce: str, binding: bytes) -> str | None:
+    def _refusal(self, hello: messages.Hello, key: bytes | None) -> str | None:
         if hello.protocol != messages.PROTOCOL_VERSION:
             return f"unsupported protocol version {hello.protocol}"
-        if not self._proof_ok(hello.name, hello.nonce, hello.proof, nonce, binding):
+        if key is None:
             return "authentication failed: the worker does not have this cluster's secret key"
         whitelist = self._d.options.whitelist
         if whitelist and hello.name not in whitelist:

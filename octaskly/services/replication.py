@@ -168,7 +168,7 @@ class Source:
 
     # -- serving the standby ---------------------------------------------------------------
     async def serve(
-        self, conn: transport.Connection, hello: messages.ReplicaHello, nonce: str
+        self, conn: transport.Connection, hello: messages.ReplicaHello, nonce: str, key: bytes
     ) -> None:
         ha = self.ha
         store = ha.store
@@ -184,7 +184,7 @@ class Source:
             messages.to_wire(
                 messages.ReplicaWelcome(
                     proof=auth.dispatcher_proof(
-                        ha.auth_key,
+                        key,  # the one the standby proved: it may not have a newer one yet
                         dispatcher_nonce=nonce,
                         worker_nonce=hello.nonce,
                         worker_id=hello.name,
@@ -413,7 +413,7 @@ class Follower:
                     name=ha.name,
                     nonce=nonce,
                     proof=auth.worker_proof(
-                        ha.auth_key,
+                        ha.auth_keys[0],
                         dispatcher_nonce=challenge.nonce,
                         worker_nonce=nonce,
                         name=ha.name,
@@ -436,14 +436,18 @@ class Follower:
             return reply
         if not isinstance(reply, messages.ReplicaWelcome):
             raise errors.ProtocolError(f"expected replica_welcome, got {reply.type}")
-        expected = auth.dispatcher_proof(
-            ha.auth_key,
-            dispatcher_nonce=challenge.nonce,
-            worker_nonce=nonce,
-            worker_id=ha.name,
-            binding=conn.binding,
+        proved = auth.first_key(
+            ha.auth_keys,
+            lambda key: auth.dispatcher_proof(
+                key,
+                dispatcher_nonce=challenge.nonce,
+                worker_nonce=nonce,
+                worker_id=ha.name,
+                binding=conn.binding,
+            ),
+            reply.proof,
         )
-        if not auth.verify(expected, reply.proof):
+        if proved is None:
             raise ConnectionError(f"{self.address} could not prove it has the cluster key")
         return reply
 

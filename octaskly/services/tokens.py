@@ -18,7 +18,7 @@ from typing import Any
 
 import jwt
 
-from octaskly import errors
+from octaskly import errors, keyring
 from octaskly.protocol import auth
 from octaskly.store import base as store_base
 
@@ -104,9 +104,12 @@ class Tokens:
     """The dispatcher's tokens: issue, verify (signature, expiry, revocation), revoke."""
 
     def __init__(
-        self, secret: bytes, store: store_base.Store, clock: Callable[[], float] = time.time
+        self,
+        secret: bytes | keyring.Keyring,
+        store: store_base.Store,
+        clock: Callable[[], float] = time.time,
     ) -> None:
-        self._key = signing_key(secret)
+        self._keys = secret if isinstance(secret, keyring.Keyring) else keyring.Keyring([secret])
         self._store = store
         self._clock = clock
         self._revoked: set[str] = set()
@@ -124,7 +127,8 @@ class Tokens:
         """A new signed token; recorded in the database unless `record` is False (a standby,
         which must not write: the token is valid all the same, like one `token create`
         signs offline)."""
-        token, claims = sign(self._key, subject=subject, role=role, ttl=ttl, now=self._clock())
+        key = self._keys.derived("api-jwt", signing_key)[0]
+        token, claims = sign(key, subject=subject, role=role, ttl=ttl, now=self._clock())
         if not record:
             return token, claims
         await self._store.record_token(
@@ -139,7 +143,17 @@ class Tokens:
         return token, claims
 
     def verify(self, token: str) -> Claims:
-        claims = decode(self._key, token, now=self._clock())
+        """(during a key rotation, a token signed with any accepted key is good)"""
+        keys = self._keys.derived("api-jwt", signing_key)
+        for key in keys[:-1]:
+            try:
+                claims = decode(key, token, now=self._clock())
+                break
+            except errors.AuthenticationError as exc:
+                if "signature" not in str(exc):
+                    raise
+        else:
+            claims = decode(keys[-1], token, now=self._clock())
         if claims.jti in self._revoked:
             raise errors.AuthenticationError("token has been revoked")
         return claims

@@ -27,7 +27,7 @@ import secrets
 from pathlib import Path
 from typing import TypeVar
 
-from octaskly import __version__, errors, executing
+from octaskly import __version__, errors, executing, keyring
 from octaskly.domain import models
 from octaskly.protocol import auth, messages
 from octaskly.transport import base as transport
@@ -55,6 +55,8 @@ class Options:
     transport: p2p.Transport = "auto"
     #: More paths sandboxed tasks must not see (data directory, key file).
     sandbox_hide: tuple[Path, ...] = ()
+    keys: keyring.Keyring | None = None
+    """The key file's keys (re-read when it changes); None: just `secret_key`."""
 
 
 def rlimits(
@@ -136,7 +138,7 @@ class Worker:
     def __init__(self, *, options: Options) -> None:
         self.options = options
         self.instance = secrets.token_hex(16)
-        self._key = auth.derive_auth_key(options.secret_key)
+        self.keys = options.keys or keyring.Keyring([options.secret_key])
         self.running: dict[str, _Running] = {}
         self.unacked: dict[str, messages.Result] = {}
         self._conn: transport.Connection | None = None
@@ -198,6 +200,10 @@ class Worker:
             witnessing.cancel()
             await asyncio.gather(witnessing, return_exceptions=True)
             await self._shutdown()
+
+    def _auth_keys(self) -> list[bytes]:
+        self.keys.reload_if_changed()  # a rotated key file is used from the next handshake
+        return self.keys.derived("p2p-auth", auth.derive_auth_key)
 
     def _learn(self, addrs: list[str]) -> None:
         for addr in addrs:
@@ -261,7 +267,7 @@ class Worker:
             max_jobs=self.options.max_jobs,
             sandbox_level=self.options.sandbox_level,
             proof=auth.worker_proof(
-                self._key,
+                self._auth_keys()[0],
                 dispatcher_nonce=challenge.nonce,
                 worker_nonce=nonce,
                 name=self.options.name,
@@ -284,14 +290,18 @@ class Worker:
                 f"its term {welcome.term} is older than term {self.term} of primary "
                 f"{self.primary}: not working for it"
             )
-        expected = auth.dispatcher_proof(
-            self._key,
-            dispatcher_nonce=challenge.nonce,
-            worker_nonce=nonce,
-            worker_id=welcome.worker_id,
-            binding=conn.binding,
+        proved = auth.first_key(
+            self._auth_keys(),
+            lambda key: auth.dispatcher_proof(
+                key,
+                dispatcher_nonce=challenge.nonce,
+                worker_nonce=nonce,
+                worker_id=welcome.worker_id,
+                binding=conn.binding,
+            ),
+            welcome.proof,
         )
-        if not auth.verify(expected, welcome.proof):
+        if proved is None:
             raise FatalWorkerError("the dispatcher could not prove it has the cluster secret key")
         return welcome
 
@@ -583,7 +593,7 @@ class Worker:
                         max_jobs=self.options.max_jobs,
                         sandbox_level=self.options.sandbox_level,
                         proof=auth.worker_proof(
-                            self._key,
+                            self._auth_keys()[0],
                             dispatcher_nonce=challenge.nonce,
                             worker_nonce=nonce,
                             name=self.options.name,

@@ -21,7 +21,7 @@ from typing import Any, cast
 
 import kopf
 
-from octaskly_operator import failover, kube, model, rollout
+from octaskly_operator import failover, kube, model, rollout, rotation
 
 log = logging.getLogger(__name__)
 
@@ -257,6 +257,8 @@ def observe(k: kube.Kube, obj: dict[str, Any]) -> dict[str, Any]:
     pods = {
         p["metadata"]["name"]: p for p in k.list("v1", "Pod", c.namespace, c.selector("dispatcher"))
     }
+    key_rotation = rotation.step(k, c, obj)
+    rotating = bool(key_rotation.pop("rotating", False))
     roles = _roles(k, c, obj, status, pods)
     primary, standby = roles.primary, roles.standby
     primary_ready, standby_ready, extra = roles.primary_ready, roles.standby_ready, roles.failover
@@ -306,6 +308,14 @@ def observe(k: kube.Kube, obj: dict[str, Any]) -> dict[str, Any]:
             f"last successful backup {last_backup or 'never'}",
             gen,
         ),
+        _condition(
+            previous,
+            "KeyRotating",
+            rotating,
+            "InGracePeriod" if rotating else "Idle",
+            "old and new keys both accepted" if rotating else "one key",
+            gen,
+        ),
     ]
     new_status: dict[str, Any] = {
         "phase": phase,
@@ -322,6 +332,7 @@ def observe(k: kube.Kube, obj: dict[str, Any]) -> dict[str, Any]:
         "conditions": conditions,
     }
     new_status.update(extra)
+    new_status.update(key_rotation)
     if last_backup:
         new_status["lastBackup"] = last_backup
         new_status["lastBackupSucceeded"] = backup_ok

@@ -613,3 +613,51 @@ def test_the_operator_killed_mid_reconcile_converges_and_repairs_drift(
         second.wait()
         for log in logs:
             log.close()
+
+
+def _keys(kubectl: Kubectl, ns: str) -> list[str]:
+    secret = get(kubectl, "secret", "demo-key", ns) or {}
+    raw = (secret.get("data") or {}).get("secret.key", "")
+    return [line for line in base64.b64decode(raw).decode().split("\n") if line.strip()]
+
+
+def test_key_rotation_on_annotation_goes_through_its_grace_stages(
+    kubectl: Kubectl, operator_process: subprocess.Popen[bytes], k8s_namespace: str
+) -> None:
+    """The key file lists the current key first and the accepted ones after it: old+new,
+    then new+old, then new alone; status and Events record it; the same annotation value
+    does not rotate twice."""
+    ns = k8s_namespace
+    _apply_example(kubectl, ns, **{"spec.secret.gracePeriod": "4s", "spec.workers.replicas": 0})
+    (old,) = wait_for(lambda: _keys(kubectl, ns), what="the first key")
+    kubectl("annotate", "octasklycluster", "demo", "-n", ns, "octaskly.io/rotate-key=r1")
+    stages = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        keys = _keys(kubectl, ns)
+        if not stages or stages[-1] != keys:
+            stages.append(keys)
+        if len(keys) == 1 and keys[0] != old:
+            break
+        time.sleep(0.2)
+    new = stages[-1][0]
+    print(f"key stages seen: {[len(s) for s in stages]}")
+    assert new != old and len(new) >= 32
+    assert [old, new] in stages and [new, old] in stages
+    assert stages.index([old, new]) < stages.index([new, old])
+    status = wait_for(
+        lambda: (get(kubectl, "octasklycluster", "demo", ns) or {}).get("status", {})
+        if (get(kubectl, "octasklycluster", "demo", ns) or {}).get("status", {}).get(
+            "keyGeneration"
+        ) == 2
+        else None,
+        what="keyGeneration 2",
+    )  # fmt: skip
+    assert status["lastRotation"]
+    rotating = {c["type"]: c["status"] for c in status["conditions"]}["KeyRotating"]
+    assert rotating == "False"
+    events = kubectl("get", "events", "-n", ns, "-o", "json").stdout
+    assert "KeyRotating" in events and "KeyRotated" in events
+    # the same request is not rotated twice
+    time.sleep(3)
+    assert _keys(kubectl, ns) == [new]

@@ -89,18 +89,19 @@ def test_db_url_password_is_masked(tmp_path: Path) -> None:
     [
         (b"file-secret-0123456789\n", b"file-secret-0123456789"),
         (b"file-secret-0123456789\r\n", b"file-secret-0123456789"),
-        (b"file-secret-0123456789\n\n", b"file-secret-0123456789\n"),
+        (b"file-secret-0123456789\n\n", b"file-secret-0123456789"),
         (b"  spaced-secret-0123456789", b"  spaced-secret-0123456789"),
+        (b"new-secret-0123456789\nold-secret-0123456789\n", b"new-secret-0123456789"),
     ],
 )
-def test_secret_key_file_strips_one_newline(
-    tmp_path: Path, content: bytes, expected: bytes
-) -> None:
+def test_secret_key_file_is_its_first_line(tmp_path: Path, content: bytes, expected: bytes) -> None:
     path = tmp_path / "secret"
     path.write_bytes(content)
     loaded = _load(tmp_path, flags={"secret_key_file": str(path)})
     assert loaded.settings.secret_bytes() == expected
     assert loaded.settings.secret_file_or(tmp_path / "other") == path
+    keys = loaded.settings.secret_keys()
+    assert keys is not None and keys[0] == expected  # the current key; later lines: accepted
 
 
 @pytest.mark.parametrize(
