@@ -347,7 +347,7 @@ def _audit_verify(args: argparse.Namespace) -> int:
         )
     if not path.is_file():
         raise errors.ConfigError(f"no audit log at {path}")
-    verdict = auditing.verify(path, secret)
+    verdict = auditing.verify(path, settings.secret_keys() or [secret])
     for problem in verdict.problems:
         print(f"{path}: {problem}")
     if verdict.ok:

@@ -27,7 +27,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -255,9 +255,13 @@ class Verdict:
         return not self.problems
 
 
-def verify(path: Path, secret: bytes) -> Verdict:
-    """Check the chain of `path` and its head file; every problem, with its line."""
-    key = audit_key(secret)
+def verify(path: Path, secret: bytes | Sequence[bytes]) -> Verdict:
+    """Check the chain of `path` and its head file; every problem, with its line.
+
+    Several secrets (a key file during or after a rotation): each entry may be keyed by
+    any of them — a dispatcher keys its entries with the key it started with."""
+    secrets = [secret] if isinstance(secret, bytes) else list(secret)
+    keys = [audit_key(s) for s in secrets]
     verdict = Verdict()
     previous, expected_seq = GENESIS, 1
     for number, raw in _lines(path):
@@ -270,7 +274,7 @@ def verify(path: Path, secret: bytes) -> Verdict:
         if number == 1 and entry.get("event_type") == "audit_checkpoint":
             details = entry.get("details") or {}
             previous = str(details.get("pruned_hash", ""))
-            if chain_hash(key, previous, entry) != digest:
+            if not any(chain_hash(k, previous, entry) == digest for k in keys):
                 verdict.problems.append("line 1: the retention checkpoint does not verify")
             # the next entry chains from the last pruned one, which the checkpoint vouches for
             previous, expected_seq = str(details.get("pruned_hash")), seq + 1
@@ -281,7 +285,7 @@ def verify(path: Path, secret: bytes) -> Verdict:
                 f"line {number}: seq {seq} where {expected_seq} was expected "
                 "(entries deleted or reordered)"
             )
-        if chain_hash(key, previous, entry) != digest:
+        if not any(chain_hash(k, previous, entry) == digest for k in keys):
             verdict.problems.append(
                 f"line {number} (seq {seq}): hash mismatch: this entry was edited, or an "
                 "entry before it was deleted or forged"
@@ -290,7 +294,7 @@ def verify(path: Path, secret: bytes) -> Verdict:
         verdict.first_seq = verdict.first_seq or seq
         verdict.last_seq = seq
         previous, expected_seq = digest, seq + 1
-    _check_head(path, key, verdict, previous)
+    _check_head(path, keys, verdict, previous)
     return verdict
 
 
@@ -301,7 +305,7 @@ def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
                 yield number, line.rstrip(b"\n")
 
 
-def _check_head(path: Path, key: bytes, verdict: Verdict, last_hash: str) -> None:
+def _check_head(path: Path, keys: list[bytes], verdict: Verdict, last_hash: str) -> None:
     head = path.with_name(path.name + HEAD_SUFFIX)
     try:
         data = json.loads(head.read_bytes().strip() or b"{}")
@@ -312,7 +316,7 @@ def _check_head(path: Path, key: bytes, verdict: Verdict, last_hash: str) -> Non
     except (ValueError, KeyError, TypeError):
         verdict.problems.append(f"{head.name} is unreadable")
         return
-    if not hmac.compare_digest(_head_mac(key, seq, digest), mac):
+    if not any(hmac.compare_digest(_head_mac(k, seq, digest), mac) for k in keys):
         verdict.problems.append(f"{head.name} does not verify (edited, or another key)")
     elif seq > verdict.last_seq:
         verdict.problems.append(

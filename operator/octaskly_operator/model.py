@@ -283,6 +283,15 @@ def statefulset(c: Cluster) -> dict[str, Any]:
         **_pull_secrets(c),
     }
     container["volumeMounts"].append({"name": "tmp", "mountPath": "/tmp"})
+    restore = (c.spec.get("bootstrap") or {}).get("restoreFrom")
+    if restore:
+        pod_spec["initContainers"] = [restore_container(c, restore)]
+        pod_spec["volumes"].append(
+            {
+                "name": "restore",
+                "persistentVolumeClaim": {"claimName": restore["claimName"], "readOnly": True},
+            }
+        )
     return {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
@@ -304,6 +313,35 @@ def statefulset(c: Cluster) -> dict[str, Any]:
                 "spec": pod_spec,
             },
             "volumeClaimTemplates": [claim],
+        },
+    }
+
+
+def restore_container(c: Cluster, restore: dict[str, Any]) -> dict[str, Any]:
+    """A new cluster from a backup: pod 0, whose volume has no database yet, restores the
+    file (checked by `octaskly restore`) before the dispatcher starts; the standby then
+    gets a snapshot from it. A volume that has a database is never touched, so the
+    (immutable) bootstrap can never restore in place."""
+    file = f"/restore/{restore['file']}"
+    script = (
+        'ordinal="${HOSTNAME##*-}"\n'
+        f'if [ "$ordinal" = 0 ] && [ ! -e {DATA_DIR}/octaskly.db ]; then\n'
+        f"  exec {PYZ} restore {shlex.quote(file)} --data-dir {DATA_DIR}\n"
+        "fi\n"
+    )
+    return {
+        "name": "restore",
+        "image": c.image,
+        "imagePullPolicy": c.spec.get("imagePullPolicy", "IfNotPresent"),
+        "command": ["/bin/sh", "-c", script],
+        "volumeMounts": [
+            {"name": "data", "mountPath": DATA_DIR},
+            {"name": "restore", "mountPath": "/restore", "readOnly": True},
+        ],
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
         },
     }
 

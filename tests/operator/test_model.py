@@ -131,3 +131,15 @@ def test_the_crd_declares_every_status_field_the_operator_writes() -> None:
     assert set(schema["properties"]["workers"]["properties"]) >= {
         "desired", "current", "ready", "text", "selector"
     }  # fmt: skip
+
+
+def test_a_cluster_bootstrapped_from_a_backup_restores_once_on_pod_0() -> None:
+    c = cluster(bootstrap={"restoreFrom": {"claimName": "old-backups", "file": "octaskly-1.db"}})
+    pod = model.statefulset(c)["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    script = init["command"][-1]
+    assert 'if [ "$ordinal" = 0 ] && [ ! -e /data/octaskly.db ]' in script
+    assert "restore /restore/octaskly-1.db --data-dir /data" in script
+    volume = next(v for v in pod["volumes"] if v["name"] == "restore")
+    assert volume["persistentVolumeClaim"] == {"claimName": "old-backups", "readOnly": True}
+    assert "initContainers" not in model.statefulset(cluster())["spec"]["template"]["spec"]

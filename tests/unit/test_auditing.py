@@ -38,6 +38,19 @@ def test_a_fresh_log_verifies_and_is_private(tmp_path: Path) -> None:
     assert set(entry) == {*auditing._FIELDS, "hash"} and entry["actor"] == "user0"
 
 
+def test_a_log_spanning_a_key_rotation_verifies_with_both_keys_only(tmp_path: Path) -> None:
+    path = write(tmp_path, 3)
+    rotated = b"rotated-audit-secret-0123456789"
+    log = auditing.AuditLog(path, rotated)  # a restart after the rotation
+    log.open()
+    log.record("worker_joined", action="join", actor="w1")
+    log.close()
+    assert auditing.verify(path, [rotated, SECRET]).ok
+    assert not auditing.verify(path, SECRET).ok
+    assert not auditing.verify(path, rotated).ok
+    assert not auditing.verify(path, [b"some-other-key-0123456789", rotated]).ok
+
+
 def test_reopening_continues_the_chain(tmp_path: Path) -> None:
     path = write(tmp_path, 3)
     log = auditing.AuditLog(path, SECRET)
