@@ -92,7 +92,8 @@ async def reconcile(
     **_: Any,
 ) -> None:
     assert namespace is not None  # the CRD is namespaced
-    c = model.Cluster(name, namespace, uid, dict(spec))
+    current = (body.get("status") or {}).get("currentPrimary")
+    c = model.Cluster(name, namespace, uid, dict(spec), primary=current)
     k = _kube()
     await asyncio.to_thread(ensure_secret, k, c)
     for obj in model.desired(c):
@@ -155,7 +156,10 @@ def resync(k: kube.Kube, obj: dict[str, Any]) -> None:
     if now - _resynced.get(key, 0.0) < RESYNC_SECONDS:
         return
     _resynced[key] = now
-    c = model.Cluster(meta["name"], meta["namespace"], meta["uid"], obj.get("spec") or {})
+    current = (obj.get("status") or {}).get("currentPrimary")
+    c = model.Cluster(
+        meta["name"], meta["namespace"], meta["uid"], obj.get("spec") or {}, primary=current
+    )
     ensure_secret(k, c)
     for desired in model.desired(c):
         k.apply(desired)
@@ -220,7 +224,10 @@ def _roles(
             if outcome is not None:
                 return Roles(standby, primary, True, False, outcome, None)
     rolling = None
-    if primary_ready:
+    if primary_ready and not c.standby and primary == c.pod(1) and standby_ready:
+        # the standby was turned off while pod 1 is primary: hand back to pod 0 first
+        primary, standby, rolling = rollout.hand_back(k, c, obj, pods, primary, standby)
+    elif primary_ready:
         primary, standby, rolling = rollout.step(k, c, obj, pods, primary, standby)
         if rolling == "SwitchingOver":
             primary_ready, standby_ready = True, False
@@ -252,7 +259,13 @@ def observe(k: kube.Kube, obj: dict[str, Any]) -> dict[str, Any]:
     """Read what exists, fail over if the primary is lost, label the primary, and write
     the status that is true now."""
     meta, spec = obj["metadata"], obj.get("spec") or {}
-    c = model.Cluster(meta["name"], meta["namespace"], meta["uid"], spec)
+    c = model.Cluster(
+        meta["name"],
+        meta["namespace"],
+        meta["uid"],
+        spec,
+        primary=(obj.get("status") or {}).get("currentPrimary"),
+    )
     status = dict(obj.get("status") or {})
     pods = {
         p["metadata"]["name"]: p for p in k.list("v1", "Pod", c.namespace, c.selector("dispatcher"))

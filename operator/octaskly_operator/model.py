@@ -47,11 +47,20 @@ KEY_GENERATION_ANNOTATION = "octaskly.io/key-generation"
 class Cluster:
     """One OctasklyCluster: its identity and spec (defaults applied by the API server)."""
 
-    def __init__(self, name: str, namespace: str, uid: str, spec: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        name: str,
+        namespace: str,
+        uid: str,
+        spec: dict[str, Any],
+        primary: str | None = None,
+    ) -> None:
         self.name = name
         self.namespace = namespace
         self.uid = uid
         self.spec = spec
+        self.primary = primary
+        """The pod that is primary now (status.currentPrimary), when known."""
 
     # -- spec parts, with the schema's defaults as a fallback ------------------------------
     @property
@@ -76,7 +85,9 @@ class Cluster:
 
     @property
     def dispatcher_replicas(self) -> int:
-        return 2 if self.standby else 1
+        """2 with a standby; also while pod 1 is the primary, even once the standby is
+        turned off: scaling down would remove the primary (it switches over first)."""
+        return 2 if self.standby or self.primary == self.pod(1) else 1
 
     # -- names -----------------------------------------------------------------------------
     def n(self, suffix: str) -> str:
@@ -154,13 +165,21 @@ failover_timeout = {int(d.get("failoverTimeoutSeconds", 5))}
 [logging]
 log_level = "{d.get("logLevel", "info")}"
 log_format = "json"
-
+{WORKER_PART}
 [worker]
 dispatcher_addr = [{addrs}]
 max_jobs = {int(w.get("maxJobs", 4))}
 sandbox_level = "{w.get("sandboxLevel", "basic")}"
 {labels}
 """
+
+
+WORKER_PART = "\n# -- the workers' part (a change here does not restart dispatchers) --\n"
+
+
+def dispatcher_config(c: Cluster) -> str:
+    """The part of octaskly.toml the dispatchers read (what their pods' hash covers)."""
+    return config_toml(c).split(WORKER_PART)[0]
 
 
 def secret(c: Cluster, key: str, previous: str | None, generation: int) -> dict[str, Any]:
@@ -308,7 +327,7 @@ def statefulset(c: Cluster) -> dict[str, Any]:
             "template": {
                 "metadata": {
                     "labels": c.labels("dispatcher"),
-                    "annotations": {CONFIG_HASH_ANNOTATION: _hash(config_toml(c))},
+                    "annotations": {CONFIG_HASH_ANNOTATION: _hash(dispatcher_config(c))},
                 },
                 "spec": pod_spec,
             },

@@ -69,6 +69,26 @@ def step(
     return primary, standby, None
 
 
+def hand_back(
+    k: kube.Kube,
+    c: model.Cluster,
+    obj: dict[str, Any],
+    pods: dict[str, dict[str, Any]],
+    primary: str,
+    standby: str | None,
+) -> tuple[str, str | None, str | None]:
+    """The standby is being turned off while pod 1 is the primary: switch over to pod 0,
+    which stays; only then may the StatefulSet shrink to one pod."""
+    assert standby is not None
+    handlers.event(
+        k, obj, "Normal", "SwitchingOver", f"standby turned off: handing back to {standby}"
+    )
+    if _switchover(k, c, obj, pods[primary]):
+        handlers.event(k, obj, "Normal", "SwitchedOver", f"{standby} is the primary now")
+        return standby, primary, "SwitchingOver"
+    return primary, standby, "SwitchingOver"
+
+
 def _switchover(k: kube.Kube, c: model.Cluster, obj: dict[str, Any], pod: dict[str, Any]) -> bool:
     ip = (pod.get("status") or {}).get("podIP")
     if not ip:

@@ -279,12 +279,16 @@ def test_the_operator_builds_the_cluster_reports_truthfully_and_rolls_out_edits(
     assert again is not None and again["data"]["secret.key"] == secret["data"]["secret.key"]
     # deleting the cluster garbage-collects what it owned (no finalizer holds it)
     assert not get(kubectl, "octasklycluster", name, ns)["metadata"].get("finalizers")  # type: ignore[index]
+    assert get(kubectl, "pvc", f"data-{name}-dispatcher-0", ns) is not None
     kubectl("delete", "octasklycluster", name, "-n", ns, "--wait=true", "--timeout=30s")
     for kind, obj_name in owned.items():
         wait_for(
             lambda k=kind, n=obj_name: get(kubectl, k, n, ns) is None,
             what=f"{kind} {obj_name} collected",
         )
+    # the dispatchers' data volumes are kept (retainOnDelete, the default)
+    time.sleep(2)
+    assert get(kubectl, "pvc", f"data-{name}-dispatcher-0", ns) is not None
     assert operator_process.poll() is None  # it ran through all of that
     assert key not in (tmp_path / "operator.log").read_text()  # the key is never logged
 
@@ -560,6 +564,24 @@ def test_an_image_change_replaces_the_standby_then_switches_over_then_the_old_pr
         for i in (0, 1):
             pod = get(kubectl, "pod", f"demo-dispatcher-{i}", ns)
             assert pod is not None and pod["spec"]["containers"][0]["image"] == "octaskly:0.3.0"
+        after_rollout = _uid(kubectl, "demo-dispatcher-0", ns)
+        # the standby turned off while pod 1 is primary: a switchover back to pod 0 first,
+        # then pod 1 goes (scaling down first would have removed the primary)
+        kubectl("patch", "octasklycluster", "demo", "-n", ns, "--type=merge",
+                "-p", json.dumps({"spec": {"dispatcher": {"standby": False}}}))  # fmt: skip
+        wait_for(
+            lambda: _http_ok("http://127.0.0.2:3000/ready"),
+            timeout=60,
+            what="pod 0's dispatcher primary again",
+        )
+        wait_for(
+            lambda: get(kubectl, "pod", "demo-dispatcher-1", ns) is None,
+            timeout=60,
+            what="pod 1 removed after the hand-back",
+        )
+        pod0 = get(kubectl, "pod", "demo-dispatcher-0", ns)
+        assert pod0 is not None and pod0["metadata"]["uid"] == after_rollout
+        assert pod0["metadata"]["labels"].get("octaskly.io/role") == "primary"
 
 
 def test_the_operator_killed_mid_reconcile_converges_and_repairs_drift(
@@ -661,3 +683,30 @@ def test_key_rotation_on_annotation_goes_through_its_grace_stages(
     # the same request is not rotated twice
     time.sleep(3)
     assert _keys(kubectl, ns) == [new]
+
+
+def test_the_key_rotates_by_itself_on_its_interval(
+    kubectl: Kubectl, operator_process: subprocess.Popen[bytes], k8s_namespace: str
+) -> None:
+    ns = k8s_namespace
+    _apply_example(
+        kubectl,
+        ns,
+        **{
+            "spec.secret.rotationInterval": "5s",
+            "spec.secret.gracePeriod": "2s",
+            "spec.workers.replicas": 0,
+        },
+    )
+    (first,) = wait_for(lambda: _keys(kubectl, ns), what="the first key")
+    rotated = wait_for(
+        lambda: (keys := _keys(kubectl, ns)) and len(keys) == 1 and keys[0] != first and keys,
+        timeout=40,
+        what="an automatic rotation",
+    )
+    status = wait_for(
+        lambda: (get(kubectl, "octasklycluster", "demo", ns) or {}).get("status", {})
+        .get("lastRotation"),
+        what="status.lastRotation",
+    )  # fmt: skip
+    print(f"rotated by interval to generation >= 2 at {status}; key {rotated[0][:4]}…")

@@ -143,3 +143,15 @@ def test_a_cluster_bootstrapped_from_a_backup_restores_once_on_pod_0() -> None:
     volume = next(v for v in pod["volumes"] if v["name"] == "restore")
     assert volume["persistentVolumeClaim"] == {"claimName": "old-backups", "readOnly": True}
     assert "initContainers" not in model.statefulset(cluster())["spec"]["template"]["spec"]
+
+
+def test_the_standby_off_keeps_two_pods_while_pod_1_is_primary() -> None:
+    off = {"dispatcher": {"standby": False}}
+    assert (
+        model.Cluster("demo", "prod", "u", off, primary="demo-dispatcher-1").dispatcher_replicas
+        == 2
+    )
+    assert (
+        model.Cluster("demo", "prod", "u", off, primary="demo-dispatcher-0").dispatcher_replicas
+        == 1
+    )
