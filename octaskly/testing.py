@@ -197,6 +197,14 @@ class InMemoryStore:
             counts[task.status] += 1
         return counts
 
+    async def queued_by_priority(self) -> dict[models.Priority, int]:
+        self._ensure_open()
+        counts = dict.fromkeys(models.Priority, 0)
+        for task in self._tasks.values():
+            if task.status == models.TaskStatus.QUEUED:
+                counts[task.spec.priority] += 1
+        return counts
+
     async def size_bytes(self) -> int:
         """Always 0: nothing is on disk."""
         self._ensure_open()

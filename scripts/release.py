@@ -35,6 +35,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from packaging import tags
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "octaskly-release"
@@ -176,10 +178,18 @@ def build_project_wheel(project: Project, out: Path) -> Path:
     return next(out.glob(f"{project.name}-{project.version}-*.whl"))
 
 
+def _has_every_dependency(wheelhouse: Path, dependencies: Iterable[str]) -> bool:
+    """Whether the cached wheels include one for each direct dependency (a dependency
+    added since the cache was filled must be downloaded, offline or not)."""
+    have = {canonicalize_name(path.name.split("-")[0]) for path in wheelhouse.glob("*.whl")}
+    wanted = {canonicalize_name(Requirement(d).name) for d in dependencies}
+    return bool(have) and wanted <= have
+
+
 def download(project: Project, target: Target, cache: Path, offline: bool) -> Path:
     """The target's wheels in `<cache>/wheels/<target>`: pip only downloads what is missing."""
     wheelhouse = cache / "wheels" / target.name
-    if offline and any(wheelhouse.glob("*.whl")):
+    if offline and _has_every_dependency(wheelhouse, project.dependencies):
         return wheelhouse
     wheelhouse.mkdir(parents=True, exist_ok=True)
     done = run(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import time
 from typing import Any
 
 from aiohttp import web
@@ -19,6 +20,7 @@ def build(dispatcher: Dispatcher, *, require_auth: bool = False) -> web.Applicat
     authenticator = _authenticator(dispatcher) if require_auth else middleware.allow_all
     app = web.Application(
         middlewares=[
+            _measured(dispatcher),
             *middleware.build(authenticator, _denial_recorder(dispatcher)),
             _primary_only(dispatcher),
         ],
@@ -46,9 +48,34 @@ def build(dispatcher: Dispatcher, *, require_auth: bool = False) -> web.Applicat
     app.router.add_get("/api/v1/ha/status", routes.ha_status)
     app.router.add_post("/api/v1/ha/switchover", routes.ha_switchover)
     app.router.add_post("/api/v1/ha/promote", routes.ha_promote)
+    app.router.add_get("/metrics", routes.metrics)
     app.router.add_get("/health", routes.health)
     app.router.add_get("/ready", routes.ready)
     return app
+
+
+def _measured(dispatcher: Dispatcher) -> Any:
+    """Every request's latency, by route (its pattern, not its path), method and status."""
+
+    @web.middleware
+    async def measure(request: web.Request, handler: middleware.Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            resource = request.match_info.route.resource
+            route = resource.canonical if resource is not None else "unmatched"
+            dispatcher.metrics.api.labels(route, request.method, str(status)).observe(
+                time.perf_counter() - started
+            )
+
+    return measure
 
 
 ANY_ROLE_PATHS = (

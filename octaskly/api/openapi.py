@@ -416,6 +416,18 @@ def document() -> dict[str, Any]:
             "/api/v1/openapi.json": {
                 "get": {"summary": "This document", "responses": {"200": _resp("OpenAPI 3.1", obj)}}
             },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics (text exposition format)",
+                    "security": [],
+                    "responses": {
+                        "200": {
+                            "description": "metrics",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
             "/health": {
                 "get": {
                     "summary": "Liveness",

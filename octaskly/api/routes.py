@@ -18,6 +18,7 @@ from octaskly.api import middleware
 from octaskly.api.middleware import HTTPProblem, rfc3339
 from octaskly.domain import models
 from octaskly.services import auditing, tokens
+from octaskly.services import metrics as metrics_module
 from octaskly.services.dispatcher import Dispatcher
 
 DISPATCHER_KEY: web.AppKey[Dispatcher] = web.AppKey("dispatcher", Dispatcher)
@@ -320,6 +321,15 @@ async def stats(request: web.Request) -> web.Response:
     middleware.require(request, CLUSTER, "see cluster statistics")
     _check_query(request, set())
     return _json(await _dispatcher(request).stats())
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text format (no token needed, like /health: it holds no task data)."""
+    dispatcher = _dispatcher(request)
+    await dispatcher.metrics.refresh(dispatcher)
+    return web.Response(
+        body=dispatcher.metrics.render(), headers={"Content-Type": metrics_module.CONTENT_TYPE}
+    )
 
 
 async def health(request: web.Request) -> web.Response:

@@ -24,7 +24,7 @@ import psutil
 from octaskly import __version__, errors, keyring
 from octaskly.domain import models, queueing, scheduling
 from octaskly.protocol import messages
-from octaskly.services import auditing, ha, live, peering, tokens
+from octaskly.services import auditing, ha, live, metrics, peering, tokens
 from octaskly.store import base as store_base
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,8 @@ class Dispatcher:
         self.tokens = tokens.Tokens(self.keys, store, clock)
         self.peers = peering.Peers(self)
         self.ha = ha.HA(self, options.ha)
+        self.metrics = metrics.Metrics()
+        self._hook_commits(store)
         self.queued_count = 0
         self.started_at = clock()
         self._wake = asyncio.Event()
@@ -170,9 +172,14 @@ class Dispatcher:
         self.outputs.clear()
         self.queued_count = 0
 
+    def _hook_commits(self, store: store_base.Store) -> None:
+        if hasattr(store, "on_commit"):
+            store.on_commit = self.metrics.commit.observe
+
     async def replace_store(self, store: store_base.Store) -> None:
         """A standby installed a snapshot: use the new database from now on."""
         self.store = store
+        self._hook_commits(store)
         self.tokens.use_store(store)
         await self.tokens.load()
 
@@ -307,6 +314,7 @@ class Dispatcher:
                 raise
             return found, False
         self.queued_count += len(tasks)
+        self.metrics.submitted.inc(len(tasks))
         for task, seq in zip(tasks, seqs, strict=True):
             task.queue_seq = seq
             self.queue.push_new(_candidate(task))
@@ -381,6 +389,7 @@ class Dispatcher:
             (applied,) = await self.store.apply([update])
             if not applied:
                 continue  # it changed state meanwhile: look again
+            self.metrics.finished.labels("cancelled").inc()
             if run is not None and self.runs.get(task_id) is run:
                 self._end_run(run)
                 self.peers.send_cancel(run.worker_id, task_id, run.attempt)
@@ -542,6 +551,9 @@ class Dispatcher:
                 )
             )
             sends.append((a.worker_id, task, attempt))
+            self.metrics.assignments.inc()
+            if attempt == 1:
+                self.metrics.queue_wait.observe(max(0.0, now - task.created_at))
             self.audit.record(
                 "task_started",
                 action="assign",
@@ -677,6 +689,9 @@ class Dispatcher:
             self.queue.requeue(ref, not_before=outcome.not_before)
             self._arm_due_timer(self.queue.release_due(now))
         if applied:
+            status = models.TaskStatus(result.status).value
+            self.metrics.finished.labels(status).inc()
+            self.metrics.duration.labels(status).observe(result.duration_ms / 1000)
             self.audit.record(
                 "task_finished",
                 action="finish",

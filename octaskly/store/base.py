@@ -154,6 +154,9 @@ class Store(Protocol):
 
     async def count_by_status(self) -> dict[models.TaskStatus, int]: ...
 
+    async def queued_by_priority(self) -> dict[models.Priority, int]:
+        """How many tasks are queued at each priority (every priority present)."""
+
     async def size_bytes(self) -> int:
         """Bytes the database uses on disk (0 for in-memory stores)."""
 

@@ -79,6 +79,9 @@ QUEUED_REFS = (
 RUNNING_TASKS = f"{_SELECT_TASK} WHERE status = 'running' ORDER BY queue_seq"
 
 COUNT_BY_STATUS = "SELECT status, count(*) FROM tasks GROUP BY status"
+QUEUED_BY_PRIORITY = (
+    "SELECT priority, count(*) FROM tasks WHERE status = 'queued' GROUP BY priority"
+)
 
 HAS_TASKS = "SELECT 1 FROM tasks LIMIT 1"
 

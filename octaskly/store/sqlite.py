@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -60,6 +61,8 @@ class SQLiteStore:
             self.path, synchronous=synchronous, busy_timeout_ms=BUSY_TIMEOUT_MS
         )
         self._capture: Callable[[changes.Change], None] | None = None
+        self.on_commit: Callable[[float], None] | None = None
+        """Told the duration (seconds) of every committed transaction (metrics)."""
         # One thread runs whole batches: one hand-off per transaction, not per statement.
         self._thread = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="octaskly-store-writer"
@@ -259,9 +262,12 @@ class SQLiteStore:
 
     async def _write_batch(self, batch: list[writing.Op]) -> None:
         loop = asyncio.get_running_loop()
+        started = time.perf_counter()
         error = await loop.run_in_executor(self._thread, self._batches.write_batch, batch)
         if error is None:
             self.commit_count += 1
+            if self.on_commit is not None:
+                self.on_commit(time.perf_counter() - started)
             change = self._batches.last_change
             if change is not None and self._capture is not None:
                 self._capture(change)  # before any caller hears of its commit
@@ -404,6 +410,13 @@ class SQLiteStore:
         counts = dict.fromkeys(models.TaskStatus, 0)
         for status, count in await self._read(queries.COUNT_BY_STATUS):
             counts[models.TaskStatus(status)] = int(count)
+        return counts
+
+    async def queued_by_priority(self) -> dict[models.Priority, int]:
+        """How many tasks are queued at each priority (every priority present)."""
+        counts = dict.fromkeys(models.Priority, 0)
+        for priority, count in await self._read(queries.QUEUED_BY_PRIORITY):
+            counts[models.Priority(int(priority))] = int(count)
         return counts
 
     async def size_bytes(self) -> int:

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -487,6 +488,10 @@ def test_hostile_replication_peers_are_refused(tmp_path: Path) -> None:
         assert code == 503 and "standby" in body["error"]
         code, body = http("GET", f"{pair.b.api}/ready")
         assert code == 503 and body["role"] == "standby"
+        # its metrics say so too (no token needed for /metrics)
+        with urllib.request.urlopen(f"{pair.b.api}/metrics", timeout=5) as resp:
+            metrics = resp.read().decode()
+        assert 'octaskly_ha_role{role="standby"} 1.0' in metrics
         # promote refuses on the primary; bad bodies are 400
         assert http("POST", f"{pair.a.api}/api/v1/ha/promote", {})[0] == 409
         assert http("POST", f"{pair.b.api}/api/v1/ha/promote", {"force": "yes"})[0] == 400
