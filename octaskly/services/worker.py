@@ -384,7 +384,9 @@ class Worker:
             return
         refusal = self._refusal(assignment)
         if refusal is not None:
-            log.warning("task %s refused: %s", assignment.task_id, refusal)
+            log.warning(
+                "task %s refused: %s", assignment.task_id, refusal, extra=self._fields(assignment)
+            )
             self._report(assignment, executing.not_run("failed", refusal))
             return
         level = self._level(assignment)
@@ -426,7 +428,26 @@ class Worker:
             del self.running[a.task_id]
         if not (outcome.status == "cancelled" and run.aborted):
             self._report(a, outcome)  # (an aborted run is no longer wanted: no report)
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "task %s attempt %d %s in %d ms%s",
+                a.task_id,
+                a.attempt,
+                "aborted" if run.aborted else outcome.status,
+                outcome.duration_ms,
+                f" (exit code {outcome.exit_code})" if outcome.exit_code else "",
+                extra=self._fields(a),
+            )
         await run.execution.cleanup()  # after the report: its latency is nobody's
+
+    def _fields(self, a: messages.TaskAssignment) -> dict[str, object]:
+        """The structured fields of a task's log lines (JSON logs carry them as keys)."""
+        return {
+            "task_id": a.task_id,
+            "attempt": a.attempt,
+            "worker_id": self.worker_id or self.options.name,
+            "request_id": a.request_id,
+        }
 
     def _report(self, a: messages.TaskAssignment, outcome: executing.ExecResult) -> None:
         """Keep the result until the dispatcher acknowledges it, and send it now if we can."""
