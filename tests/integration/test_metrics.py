@@ -96,3 +96,29 @@ async def test_metrics_need_no_token_but_reveal_no_task_data(tmp_path: Path) -> 
         assert "command" not in text
         async with cluster.http.post(cluster.base_url + "/metrics") as resp:
             assert resp.status == 405
+
+
+async def test_the_grafana_dashboard_uses_only_exported_metrics(tmp_path: Path) -> None:
+    """docs/grafana/octaskly-dashboard.json (imported by nobody here): every metric its
+    queries name is one the dispatcher exports, every panel has a query and a datasource."""
+    import json
+    import re
+
+    dashboard = json.loads(
+        (Path(__file__).resolve().parents[2] / "docs/grafana/octaskly-dashboard.json").read_text()
+    )
+    async with running_cluster(tmp_path) as cluster:
+        await cluster.add_worker("w1")
+        await cluster.wait_status(await cluster.submit(command="true"), "completed")
+        async with cluster.http.get(cluster.base_url + "/metrics") as resp:
+            exported = {s[0] for s in _samples(await resp.text())}
+    ids = set()
+    for panel in dashboard["panels"]:
+        assert panel["id"] not in ids
+        ids.add(panel["id"])
+        assert panel["datasource"]["type"] == "prometheus" and panel["targets"]
+        for target in panel["targets"]:
+            names = re.findall(r"\b((?:octaskly|process)_[a-z_]+)", target["expr"])
+            assert names, target["expr"]
+            for name in names:
+                assert name in exported, f"panel {panel['title']!r}: {name} is not exported"
