@@ -118,6 +118,12 @@ def _client_parsers(sub: argparse._SubParsersAction[_Parser]) -> None:
         "--require-label", action="append", metavar="KEY=VALUE", help="require a worker label"
     )
     p.add_argument("--idempotency-key", help="repeat-safe submit: same key, same task")
+    p.add_argument(
+        "--from-file",
+        metavar="FILE",
+        help="submit one task per line of FILE (- for stdin), in batches; prints the ids "
+        "(with --wait: a progress bar, then exit 0 only if all completed)",
+    )
     p.add_argument("--wait", action="store_true", help="wait, then print the task's output")
     p.add_argument("--follow", action="store_true", help="stream the output while it runs")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARG...]")
@@ -138,6 +144,9 @@ def _client_parsers(sub: argparse._SubParsersAction[_Parser]) -> None:
     p = add("workers", "List connected workers")
     p.add_argument("--json", action="store_true")
     add("stats", "Cluster statistics (JSON)")
+    p = add("top", "A live view of workers and the queue (Ctrl-C to quit)")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between updates")
+    p.add_argument("--iterations", type=int, help="stop after N updates (default: never)")
 
     p = sub.add_parser(
         "ha",

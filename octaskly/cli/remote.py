@@ -12,6 +12,7 @@ import uuid
 from typing import Any, TextIO
 
 from octaskly import errors
+from octaskly.cli import progress
 from octaskly.cli.client import APIError, Client
 
 
@@ -52,8 +53,65 @@ def _key_values(items: list[str] | None, what: str) -> dict[str, str]:
     return out
 
 
+BATCH = 1000
+
+
 def submit(client: Client, args: argparse.Namespace) -> int:
-    spec: dict[str, Any] = {"command": _command(args.command)}
+    if args.from_file:
+        return _submit_file(client, args)
+    spec = _spec(args, _command(args.command))
+    # Always a key: a submit retried after a failover (or a lost reply) is then the same task.
+    headers = {"Idempotency-Key": args.idempotency_key or f"cli-{uuid.uuid4().hex}"}
+    task = client.call("POST", "/api/v1/tasks", spec, headers)
+    if not (args.wait or args.follow):
+        print(task["id"])
+        return 0
+    print(f"queued {task['id']}", file=sys.stderr)
+    if args.wait and not args.follow and progress.is_terminal():
+        from rich.console import Console
+
+        with Console(file=sys.stderr).status(f"waiting for task {task['id']}"):
+            end = _wait_end(client, task["id"])
+        return _finish(client, task["id"], end, live=False)
+    return _await_task(client, task["id"], live=args.follow)
+
+
+def _submit_file(client: Client, args: argparse.Namespace) -> int:
+    """One task per non-empty line (a shell command), submitted in batches."""
+    if args.command and args.command != ["--"]:
+        raise errors.ConfigError("--from-file and a command on the command line exclude each other")
+    if args.follow:
+        raise errors.ConfigError("--follow follows one task; use --wait with --from-file")
+    source = sys.stdin if args.from_file == "-" else None
+    try:
+        text = source.read() if source is not None else open(args.from_file).read()
+    except OSError as exc:
+        raise errors.ConfigError(f"--from-file {args.from_file}: {exc.strerror or exc}") from None
+    commands = [line.strip() for line in text.splitlines() if line.strip()]
+    if not commands:
+        raise errors.ConfigError(f"--from-file {args.from_file}: no commands in it")
+    key = args.idempotency_key or f"cli-{uuid.uuid4().hex}"
+    ids: list[str] = []
+    for start in range(0, len(commands), BATCH):
+        chunk = [_spec(args, c) for c in commands[start : start + BATCH]]
+        body = client.call(
+            "POST", "/api/v1/tasks/batch", {"tasks": chunk}, {"Idempotency-Key": f"{key}-{start}"}
+        )
+        ids.extend(body["ids"])
+    for task_id in ids:
+        print(task_id)
+    sys.stdout.flush()
+    if not args.wait:
+        return 0
+    done = progress.wait_all(lambda i: client.call("GET", f"/api/v1/tasks/{i}"), ids)
+    bad = {i: s for i, s in done.items() if s != "completed"}
+    for task_id, status in bad.items():
+        print(f"task {task_id} {status}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def _spec(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    spec: dict[str, Any] = {"command": command}
     for name in (
         "timeout",
         "priority",
@@ -82,14 +140,21 @@ def submit(client: Client, args: argparse.Namespace) -> int:
         requirements["labels"] = _key_values(args.require_label, "--require-label")
     if requirements:
         spec["requirements"] = requirements
-    # Always a key: a submit retried after a failover (or a lost reply) is then the same task.
-    headers = {"Idempotency-Key": args.idempotency_key or f"cli-{uuid.uuid4().hex}"}
-    task = client.call("POST", "/api/v1/tasks", spec, headers)
-    if not (args.wait or args.follow):
-        print(task["id"])
-        return 0
-    print(f"queued {task['id']}", file=sys.stderr)
-    return _await_task(client, task["id"], live=args.follow)
+    return spec
+
+
+def _wait_end(client: Client, task_id: str) -> dict[str, Any]:
+    end: dict[str, Any] = {}
+    while not end:
+        try:
+            for event in client.stream(f"/api/v1/tasks/{task_id}/logs?follow=true"):
+                if event.get("event") == "end":
+                    end = event
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            if len(client.urls) == 1:
+                raise errors.TemporaryError(f"lost the dispatcher API: {exc}") from None
+            time.sleep(0.5)
+    return end
 
 
 def _await_task(client: Client, task_id: str, *, live: bool) -> int:
@@ -109,6 +174,11 @@ def _await_task(client: Client, task_id: str, *, live: bool) -> int:
             # the dispatcher went away mid-stream (a failover?): find the primary again
             print(f"lost the dispatcher API ({exc}); looking for the primary", file=sys.stderr)
             time.sleep(0.5)
+    return _finish(client, task_id, end, live=live)
+
+
+def _finish(client: Client, task_id: str, end: dict[str, Any], *, live: bool) -> int:
+    """Print the output (unless it was streamed) and say how the task ended."""
     if not live:
         task = client.call("GET", f"/api/v1/tasks/{task_id}")
         sys.stdout.write(task["stdout"])
@@ -286,6 +356,20 @@ def ha_promote(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def top(client: Client, args: argparse.Namespace) -> int:
+    if args.interval <= 0 or (args.iterations is not None and args.iterations < 1):
+        raise errors.ConfigError("--interval must be positive and --iterations at least 1")
+
+    def fetch() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        return client.call("GET", "/api/v1/stats"), client.call("GET", "/api/v1/workers")["workers"]
+
+    try:
+        progress.top(fetch, interval=args.interval, iterations=args.iterations)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 COMMANDS = {
     "submit": submit,
     "status": status,
@@ -294,6 +378,7 @@ COMMANDS = {
     "logs": logs,
     "workers": workers,
     "stats": stats,
+    "top": top,
     "ha-status": ha_status,
     "ha-switchover": ha_switchover,
     "ha-promote": ha_promote,
