@@ -199,7 +199,6 @@ class HA:
         return None
 
     async def _become_primary(self, *, promoted: bool = False) -> None:
-        self.role = "primary"
         self.source = replication.Source(
             self,
             sync=self.options.replication == "sync",
@@ -213,7 +212,11 @@ class HA:
             self.source.seed(self.applied)
             self.source.had_standby = True  # until one is back: degraded
         self.applied, self.applied_bytes = collections.deque(), 0
+        # The role changes only once the runs found running are back in the queue (with
+        # their grace): a worker admitted earlier would see its runs neither running here
+        # nor re-queued, be told to abort them, and its finished results rejected.
         await self.d.start_primary()
+        self.role = "primary"
 
     def _follow(self, address: str) -> None:
         self.follower = replication.Follower(self, address)
