@@ -44,6 +44,7 @@ def build(dispatcher: Dispatcher, *, require_auth: bool = False) -> web.Applicat
     app.router.add_post("/api/v1/tokens", routes.create_token)
     app.router.add_delete("/api/v1/tokens/{jti}", routes.revoke_token)
     app.router.add_get("/api/v1/audit-logs", routes.audit_logs)
+    app.router.add_get("/api/v1/events", routes.events)
     app.router.add_get("/api/v1/backup", routes.backup)
     app.router.add_get("/api/v1/ha/status", routes.ha_status)
     app.router.add_post("/api/v1/ha/switchover", routes.ha_switchover)

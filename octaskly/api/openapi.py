@@ -341,6 +341,19 @@ def document() -> dict[str, Any]:
                     "responses": {"200": _resp("a page of entries", obj), **_ERRORS},
                 }
             },
+            "/api/v1/events": {
+                "get": {
+                    "summary": "Server-sent events for live views: `tasks` (changed tasks, "
+                    "a client's own only), `stats` once a second, `reload` after an overflow",
+                    "responses": {
+                        "200": {
+                            "description": "an endless text/event-stream",
+                            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                        },
+                        **_ERRORS,
+                    },
+                }
+            },
             "/api/v1/backup": {
                 "get": {
                     "summary": "A consistent copy of the database, streamed (admin): what "

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import re
+import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,7 +19,7 @@ from aiohttp import web
 from octaskly.api import middleware
 from octaskly.api.middleware import HTTPProblem, rfc3339
 from octaskly.domain import models
-from octaskly.services import auditing, tokens
+from octaskly.services import auditing, live, tokens
 from octaskly.services import metrics as metrics_module
 from octaskly.services.dispatcher import Dispatcher
 
@@ -321,6 +323,68 @@ async def stats(request: web.Request) -> web.Response:
     middleware.require(request, CLUSTER, "see cluster statistics")
     _check_query(request, set())
     return _json(await _dispatcher(request).stats())
+
+
+EVENT_SECONDS = 1.0
+EVENT_BATCH = 500
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    """Server-sent events for live views: `tasks` (summaries of tasks that changed: new,
+    started, finished, cancelled — a client's own only) as they change, and `stats`
+    (counts, workers) once a second. `reload` when a reader fell too far behind."""
+    principal = middleware.require(request, TASKS, "watch live events")
+    _check_query(request, set())
+    dispatcher = _dispatcher(request)
+    owner = principal.owner
+    response = web.StreamResponse(
+        headers={
+            **middleware.stream_headers(request),
+            "Content-Type": "text/event-stream",
+            "X-Accel-Buffering": "no",
+        }
+    )
+    await response.prepare(request)
+    changed, wake = dispatcher.watchers.feed.subscribe()
+    try:
+        next_stats = 0.0
+        while True:
+            now = asyncio.get_running_loop().time()
+            if now >= next_stats:
+                await _event(response, "stats", await _live_stats(dispatcher, owner))
+                next_stats = now + EVENT_SECONDS
+            if changed:
+                overflow = len(changed) >= live.Feed.LIMIT
+                ids = [changed.pop() for _ in range(min(EVENT_BATCH, len(changed)))]
+                if overflow:
+                    changed.clear()
+                    await _event(response, "reload", {"reason": "too many changes"})
+                tasks = await dispatcher.store.get_tasks(ids)
+                visible = [task_summary(t) for t in tasks if owner is None or t.owner == owner]
+                if visible:
+                    await _event(response, "tasks", visible)
+                continue
+            wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), max(0.05, next_stats - now))
+    except (ConnectionResetError, ConnectionError):
+        pass  # the reader went away
+    finally:
+        dispatcher.watchers.feed.unsubscribe((changed, wake))
+    return response
+
+
+async def _event(response: web.StreamResponse, name: str, data: Any) -> None:
+    await response.write(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode())
+
+
+async def _live_stats(dispatcher: Dispatcher, owner: str | None) -> dict[str, Any]:
+    if owner is not None:  # a client sees nothing of the cluster but that it is alive
+        return {"time": rfc3339(time.time())}
+    stats = await dispatcher.stats()
+    stats["workers_list"] = dispatcher.peers.views()
+    stats["time"] = rfc3339(time.time())
+    return stats
 
 
 async def metrics(request: web.Request) -> web.Response:

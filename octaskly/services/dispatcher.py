@@ -318,6 +318,7 @@ class Dispatcher:
         for task, seq in zip(tasks, seqs, strict=True):
             task.queue_seq = seq
             self.queue.push_new(_candidate(task))
+            self.watchers.feed.publish(task.id)
         self.wake()
         await self.replicated()  # sync replication: acknowledged once the standby has it
         return tasks, True

@@ -59,11 +59,38 @@ class LiveOutput:
         await self._changed.wait()
 
 
+class Feed:
+    """Which tasks changed, for live views (`GET /api/v1/events`): each subscriber gets a
+    set of changed task ids that it drains; a subscriber that falls far behind is told
+    to reload instead of growing without bound."""
+
+    LIMIT = 10_000
+
+    def __init__(self) -> None:
+        self._subscribers: list[tuple[set[str], asyncio.Event]] = []
+
+    def subscribe(self) -> tuple[set[str], asyncio.Event]:
+        entry: tuple[set[str], asyncio.Event] = (set(), asyncio.Event())
+        self._subscribers.append(entry)
+        return entry
+
+    def unsubscribe(self, entry: tuple[set[str], asyncio.Event]) -> None:
+        if entry in self._subscribers:
+            self._subscribers.remove(entry)
+
+    def publish(self, task_id: str) -> None:
+        for changed, wake in self._subscribers:
+            if len(changed) < self.LIMIT:
+                changed.add(task_id)
+            wake.set()
+
+
 class Watchers:
     """Per-task events set whenever a task changes state; created only when awaited."""
 
     def __init__(self) -> None:
         self._events: dict[str, asyncio.Event] = {}
+        self.feed = Feed()
 
     def event(self, task_id: str) -> asyncio.Event:
         event = self._events.get(task_id)
@@ -75,6 +102,7 @@ class Watchers:
         event = self._events.pop(task_id, None)
         if event is not None:
             event.set()
+        self.feed.publish(task_id)
 
     def notify_all(self) -> None:
         events, self._events = self._events, {}
