@@ -222,7 +222,7 @@ class Worker:
             host, port, transport=self.options.transport, timeout=self.options.connect_timeout
         )
         try:
-            welcome = await self._handshake(conn, addr)
+            welcome = await self._handshake(conn)
             self._conn, self.worker_id, self._current = conn, welcome.worker_id, addr
             self._last_heard = asyncio.get_running_loop().time()
             self._see_term(welcome.term, addr)
@@ -253,7 +253,12 @@ class Worker:
             conn.close()
             await conn.wait_closed()
 
-    async def _handshake(self, conn: transport.Connection, addr: str) -> messages.Welcome:
+    async def _handshake(
+        self, conn: transport.Connection, *, witness: bool = False
+    ) -> messages.Welcome:
+        """Prove the key, get the dispatcher's welcome and check its proof. A work session
+        reports the runs and results it holds and refuses a dispatcher of an older term; a
+        witness session only reports."""
         timeout = self.options.connect_timeout
         challenge = await self._expect(conn, messages.Challenge, timeout)
         nonce = auth.new_nonce()
@@ -273,23 +278,23 @@ class Worker:
                 name=self.options.name,
                 binding=conn.binding,
             ),
-            running=[
+            running=[]
+            if witness
+            else [
                 messages.RunRef(task_id=r.assignment.task_id, attempt=r.assignment.attempt)
                 for r in self.running.values()
             ],
-            finished=[
+            finished=[]
+            if witness
+            else [
                 messages.RunRef(task_id=r.task_id, attempt=r.attempt) for r in self.unacked.values()
             ],
+            purpose="witness" if witness else "work",
             term=self.term,
             primary=self.primary,
         )
         await conn.send(messages.to_wire(hello))
         welcome = await self._expect(conn, messages.Welcome, timeout)
-        if welcome.term < self.term:
-            raise ConnectionError(
-                f"its term {welcome.term} is older than term {self.term} of primary "
-                f"{self.primary}: not working for it"
-            )
         proved = auth.first_key(
             self._auth_keys(),
             lambda key: auth.dispatcher_proof(
@@ -302,7 +307,14 @@ class Worker:
             welcome.proof,
         )
         if proved is None:
+            if witness:  # not fatal: that dispatcher is simply not believed
+                raise ConnectionError("it could not prove it has the cluster secret key")
             raise FatalWorkerError("the dispatcher could not prove it has the cluster secret key")
+        if not witness and welcome.term < self.term:
+            raise ConnectionError(
+                f"its term {welcome.term} is older than term {self.term} of primary "
+                f"{self.primary}: not working for it"
+            )
         return welcome
 
     async def _expect(self, conn: transport.Connection, kind: type[_M], timeout: float) -> _M:
@@ -600,33 +612,7 @@ class Worker:
         timeout = self.options.connect_timeout
         conn = await p2p.dial(host, port, transport="tcp", timeout=timeout)
         try:
-            challenge = await self._expect(conn, messages.Challenge, timeout)
-            nonce = auth.new_nonce()
-            await conn.send(
-                messages.to_wire(
-                    messages.Hello(
-                        protocol=messages.PROTOCOL_VERSION,
-                        name=self.options.name,
-                        instance=self.instance,
-                        nonce=nonce,
-                        version=__version__,
-                        resources=self.options.resources,
-                        max_jobs=self.options.max_jobs,
-                        sandbox_level=self.options.sandbox_level,
-                        proof=auth.worker_proof(
-                            self._auth_keys()[0],
-                            dispatcher_nonce=challenge.nonce,
-                            worker_nonce=nonce,
-                            name=self.options.name,
-                            binding=conn.binding,
-                        ),
-                        purpose="witness",
-                        term=self.term,
-                        primary=self.primary,
-                    )
-                )
-            )
-            welcome = await self._expect(conn, messages.Welcome, timeout)
+            welcome = await self._handshake(conn, witness=True)
             self._check_newer(addr, welcome.role, welcome.term)
             reader = asyncio.create_task(self._witness_read(addr, conn))
             try:

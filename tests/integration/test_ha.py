@@ -315,3 +315,58 @@ def test_the_client_follows_the_primary_and_refuses_a_lower_term() -> None:
         client._current = 0  # even when asked first
         assert client.call("GET", "/api/v1/stats")["from"] == port_b
         assert client.term == 2
+
+
+async def test_a_witness_target_without_the_key_cannot_claim_a_newer_term(tmp_path: Path) -> None:
+    """A fake dispatcher (no cluster key) answers a worker's witness session as 'primary
+    of term 9': the worker checks the proof and does not believe it."""
+    hellos: list[messages.Hello] = []
+
+    async def impostor(conn: transport.Connection) -> None:
+        await conn.send(
+            messages.to_wire(
+                messages.Challenge(protocol=messages.PROTOCOL_VERSION, nonce=auth.new_nonce())
+            )
+        )
+        hello = messages.parse_worker_message(await conn.recv())
+        assert isinstance(hello, messages.Hello)
+        hellos.append(hello)
+        forged = messages.Welcome(
+            worker_id=hello.name, proof="ab" * 32, keepalive_interval=1.0, term=9, role="primary"
+        )
+        await conn.send(messages.to_wire(forged))
+        with contextlib.suppress(ConnectionError):
+            while await conn.recv() is not None:
+                pass
+
+    fake = await p2p.listen(
+        "127.0.0.1", 0, impostor, identity=tls.load_or_create(tmp_path / "fake-tls")
+    )
+    async with running_cluster(tmp_path) as cluster:
+        options = working.Options(
+            name="careful",
+            dispatcher_addrs=(("127.0.0.1", cluster.p2p.port), ("127.0.0.1", fake.port)),
+            secret_key=SECRET,
+            resources=models.Resources(cpu_cores=1, memory_mb=512),
+            max_jobs=1,
+            workdir_root=tmp_path,
+            connect_timeout=2.0,
+            reconnect_max_delay=0.3,
+            transport="tcp",
+        )
+        worker = working.Worker(options=options)
+        job = asyncio.create_task(worker.run())
+        try:
+            await until(lambda: "careful" in cluster.dispatcher.peers.sessions, what="join")
+            await until(
+                lambda: sum(h.purpose == "witness" for h in hellos) >= 2,
+                what="two witness sessions with the impostor",
+            )
+            assert worker.term == 1 and worker.primary == f"127.0.0.1:{cluster.p2p.port}"
+            assert "careful" in cluster.dispatcher.peers.sessions
+        finally:
+            job.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await job
+    fake.close()
+    await fake.wait_closed()
