@@ -3,7 +3,8 @@
 A key file holds one key per line: the first is the current key (it signs tokens and
 proves this node to others); the ones after it are still accepted from others (during
 a rotation's grace period, e.g. while the Kubernetes operator rolls a new key out). A
-node re-reads the file when it changes — a mounted Secret is updated in place — and
+node re-reads the file when it changes (a dispatcher every few seconds, a worker before
+each handshake) — a mounted Secret is updated in place — and
 keeps its old keys if the new file is unreadable or malformed (saying so in the log).
 """
 
