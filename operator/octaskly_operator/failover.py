@@ -112,19 +112,8 @@ def promote(
         "FailingOver",
         f"primary unready for {lost:.0f}s: promoting the standby {name}",
     )
-    url = f"http://{ip}:{model.API_PORT}/api/v1/ha/promote"
-    request = urllib.request.Request(
-        url,
-        data=b"{}",
-        method="POST",
-        headers={
-            "Content-Type": "application/json",
-            "Authorization": f"Bearer {admin_token(k, c)}",
-        },
-    )
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            body = json.loads(response.read())
+        body = post(k, c, ip, "/api/v1/ha/promote", {}, timeout=10)
     except urllib.error.HTTPError as exc:
         reason = error_text(exc)
         if exc.code == 409 and "already" in reason:  # promoted earlier (we died mid-way)
@@ -155,6 +144,25 @@ def promote(
     if body.get("term"):
         out["term"] = int(body["term"])
     return out
+
+
+def post(
+    k: kube.Kube, c: model.Cluster, ip: str, path: str, body: dict[str, Any], *, timeout: float
+) -> dict[str, Any]:
+    """POST to the API of the dispatcher at `ip` as admin (a short token signed with the
+    cluster key); its JSON answer. Raises urllib's HTTPError / URLError."""
+    request = urllib.request.Request(
+        f"http://{ip}:{model.API_PORT}{path}",
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={
+            "Content-Type": "application/json",
+            "Authorization": f"Bearer {admin_token(k, c)}",
+        },
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        answer: dict[str, Any] = json.loads(response.read())
+    return answer
 
 
 def error_text(exc: urllib.error.HTTPError) -> str:

@@ -14,10 +14,8 @@ the downtime that implies.
 
 from __future__ import annotations
 
-import json
 import logging
 import urllib.error
-import urllib.request
 from typing import Any
 
 from octaskly_operator import failover, handlers, kube, model
@@ -59,13 +57,8 @@ def step(
             return primary, standby, "Upgrading"
         if standby not in ready:
             return primary, standby, "Upgrading"  # wait for the new standby
-        handlers.event(
-            k, obj, "Normal", "SwitchingOver", f"switching over from {primary} to {standby}"
-        )
-        if _switchover(k, c, obj, pods[primary]):
-            handlers.event(k, obj, "Normal", "SwitchedOver", f"{standby} is the primary now")
-            return standby, primary, "SwitchingOver"
-        return primary, standby, "Upgrading"
+        new_primary, new_standby = _switch(k, c, obj, pods, primary, standby, "rolling update")
+        return new_primary, new_standby, "SwitchingOver" if new_primary == standby else "Upgrading"
     return primary, standby, None
 
 
@@ -80,31 +73,35 @@ def hand_back(
     """The standby is being turned off while pod 1 is the primary: switch over to pod 0,
     which stays; only then may the StatefulSet shrink to one pod."""
     assert standby is not None
+    new_primary, new_standby = _switch(k, c, obj, pods, primary, standby, "standby turned off")
+    return new_primary, new_standby, "SwitchingOver"
+
+
+def _switch(
+    k: kube.Kube,
+    c: model.Cluster,
+    obj: dict[str, Any],
+    pods: dict[str, dict[str, Any]],
+    primary: str,
+    standby: str,
+    why: str,
+) -> tuple[str, str]:
+    """Switch over from `primary` to `standby` (with Events): the new (primary, standby)."""
     handlers.event(
-        k, obj, "Normal", "SwitchingOver", f"standby turned off: handing back to {standby}"
+        k, obj, "Normal", "SwitchingOver", f"{why}: switching over from {primary} to {standby}"
     )
-    if _switchover(k, c, obj, pods[primary]):
-        handlers.event(k, obj, "Normal", "SwitchedOver", f"{standby} is the primary now")
-        return standby, primary, "SwitchingOver"
-    return primary, standby, "SwitchingOver"
+    if not _switchover(k, c, obj, pods[primary]):
+        return primary, standby
+    handlers.event(k, obj, "Normal", "SwitchedOver", f"{standby} is the primary now")
+    return standby, primary
 
 
 def _switchover(k: kube.Kube, c: model.Cluster, obj: dict[str, Any], pod: dict[str, Any]) -> bool:
     ip = (pod.get("status") or {}).get("podIP")
     if not ip:
         return False
-    request = urllib.request.Request(
-        f"http://{ip}:{model.API_PORT}/api/v1/ha/switchover",
-        data=json.dumps({"timeout": 60}).encode(),
-        method="POST",
-        headers={
-            "Content-Type": "application/json",
-            "Authorization": f"Bearer {failover.admin_token(k, c)}",
-        },
-    )
     try:
-        with urllib.request.urlopen(request, timeout=90) as response:
-            body = json.loads(response.read())
+        body = failover.post(k, c, ip, "/api/v1/ha/switchover", {"timeout": 60}, timeout=90)
     except urllib.error.HTTPError as exc:
         handlers.event(k, obj, "Warning", "SwitchoverFailed", failover.error_text(exc))
         return False
