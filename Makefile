@@ -18,12 +18,14 @@ venv: $(STAMP)
 
 ## system-deps: bubblewrap (bwrap), which the strict sandbox levels and their tests need;
 ## shellcheck and systemd (systemd-analyze), which the installer and unit tests need;
+## chromium, the headless browser the dashboard's tests drive (with Playwright);
 ## whatever is missing is installed with one apt-get call when we are root (CI), else a warning
 system-deps:
 	@missing=""; \
 	command -v bwrap >/dev/null 2>&1 || missing="$$missing bubblewrap"; \
 	command -v shellcheck >/dev/null 2>&1 || missing="$$missing shellcheck"; \
 	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
+	test -x /usr/lib/chromium/chromium || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \

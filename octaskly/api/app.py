@@ -8,15 +8,16 @@ from typing import Any
 
 from aiohttp import web
 
-from octaskly.api import middleware, openapi, routes
+from octaskly.api import middleware, openapi, routes, ui
 from octaskly.services.dispatcher import Dispatcher
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
 
 
 def build(dispatcher: Dispatcher, *, require_auth: bool = False) -> web.Application:
-    """The API of `dispatcher`; with `require_auth`, every endpoint but /health, /ready and
-    /metrics needs a bearer token of a role allowed to use it."""
+    """The API of `dispatcher`; with `require_auth`, every endpoint but /health, /ready,
+    /metrics and the dashboard's static files (/ui) needs a bearer token of a role allowed
+    to use it."""
     authenticator = _authenticator(dispatcher) if require_auth else middleware.allow_all
     app = web.Application(
         middlewares=[
@@ -27,6 +28,8 @@ def build(dispatcher: Dispatcher, *, require_auth: bool = False) -> web.Applicat
         client_max_size=MAX_BODY_BYTES,
     )
     app[routes.DISPATCHER_KEY] = dispatcher
+    streams = app[routes.STREAMS_KEY] = routes.Streams()
+    app.on_shutdown.append(streams.close)
     document = openapi.document()
 
     async def serve_openapi(request: web.Request) -> web.Response:
@@ -40,6 +43,7 @@ def build(dispatcher: Dispatcher, *, require_auth: bool = False) -> web.Applicat
     app.router.add_get("/api/v1/tasks/{task_id}/logs", routes.task_logs)
     app.router.add_get("/api/v1/workers", routes.workers)
     app.router.add_get("/api/v1/stats", routes.stats)
+    app.router.add_get("/api/v1/whoami", routes.whoami)
     app.router.add_get("/api/v1/openapi.json", serve_openapi)
     app.router.add_post("/api/v1/tokens", routes.create_token)
     app.router.add_delete("/api/v1/tokens/{jti}", routes.revoke_token)
@@ -52,6 +56,7 @@ def build(dispatcher: Dispatcher, *, require_auth: bool = False) -> web.Applicat
     app.router.add_get("/metrics", routes.metrics)
     app.router.add_get("/health", routes.health)
     app.router.add_get("/ready", routes.ready)
+    ui.add_routes(app)
     return app
 
 
@@ -86,6 +91,7 @@ ANY_ROLE_PATHS = (
     "/health",
     "/ready",
     "/metrics",
+    "/ui",
 )
 
 

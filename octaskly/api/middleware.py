@@ -18,6 +18,9 @@ from octaskly import errors
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics"})
+# the dashboard's static files (no data in them), by matched route, not by path prefix:
+# "/ui/../api/v1/tasks" is not a dashboard file
+PUBLIC_ROUTES = frozenset({"/ui", "/ui/", "/ui/{asset}"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +166,11 @@ def build(authenticator: Authenticator, on_denied: DenialHook | None = None) -> 
 
     @web.middleware
     async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path not in PUBLIC_PATHS:
+        resource = request.match_info.route.resource
+        public = request.path in PUBLIC_PATHS or (
+            resource is not None and resource.canonical in PUBLIC_ROUTES
+        )
+        if not public:
             request[PRINCIPAL_KEY] = await authenticator(request)
         return await handler(request)
 

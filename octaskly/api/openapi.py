@@ -426,6 +426,68 @@ def document() -> dict[str, Any]:
                     },
                 }
             },
+            "/api/v1/whoami": {
+                "get": {
+                    "summary": "The caller's subject, role and what the role may do (any role)",
+                    "responses": {
+                        "200": _resp(
+                            "who the token is",
+                            {
+                                "type": "object",
+                                "required": ["subject", "role", "token_id", "can"],
+                                "properties": {
+                                    "subject": {"type": "string"},
+                                    "role": {"type": "string"},
+                                    "token_id": {"type": ["string", "null"]},
+                                    "can": {
+                                        "type": "object",
+                                        "additionalProperties": {"type": "boolean"},
+                                    },
+                                },
+                            },
+                        ),
+                        **_ERRORS,
+                    },
+                }
+            },
+            "/ui": {
+                "get": {
+                    "summary": "The web dashboard (redirects to /ui/)",
+                    "security": [],
+                    "responses": {"302": {"description": "to /ui/"}},
+                }
+            },
+            "/ui/": {
+                "get": {
+                    "summary": "The web dashboard's page; it logs in with a token and then "
+                    "uses this API",
+                    "security": [],
+                    "responses": {
+                        "200": {
+                            "description": "HTML",
+                            "content": {"text/html": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
+            "/ui/{asset}": {
+                "get": {
+                    "summary": "The dashboard's script, style sheet and icon",
+                    "security": [],
+                    "parameters": [
+                        {
+                            "name": "asset",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string", "enum": ["app.js", "app.css", "icon.svg"]},
+                        }
+                    ],
+                    "responses": {
+                        "200": {"description": "the asset"},
+                        "404": _resp("no such asset", _ref("Error")),
+                    },
+                }
+            },
             "/api/v1/openapi.json": {
                 "get": {"summary": "This document", "responses": {"200": _resp("OpenAPI 3.1", obj)}}
             },

@@ -9,7 +9,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,41 @@ from octaskly.services import metrics as metrics_module
 from octaskly.services.dispatcher import Dispatcher
 
 DISPATCHER_KEY: web.AppKey[Dispatcher] = web.AppKey("dispatcher", Dispatcher)
+
+
+class Streams:
+    """The endless responses (live events, followed logs). When the server shuts down they
+    are ended cleanly, so that a SIGTERM does not wait for readers that never leave (they
+    see the stream end, and reconnect or fail over)."""
+
+    def __init__(self) -> None:
+        self.closing = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    @contextlib.asynccontextmanager
+    async def open(self) -> AsyncIterator[None]:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        if self.closing:  # opened while shutting down: end at the first wait
+            task.cancel()
+        try:
+            yield
+        except asyncio.CancelledError:
+            if not self.closing:
+                raise
+            task.uncancel()  # our own cancellation: end the response normally
+        finally:
+            self._tasks.discard(task)
+
+    async def close(self, app: web.Application) -> None:
+        """(on_shutdown)"""
+        self.closing = True
+        for task in list(self._tasks):
+            task.cancel()
+
+
+STREAMS_KEY: web.AppKey[Streams] = web.AppKey("streams", Streams)
 
 # SPEC's permission matrix. A `client` sees and cancels only its own tasks (the store
 # filters by owner, so another client's task is a 404); `worker` tokens are for the P2P
@@ -303,8 +338,9 @@ async def task_logs(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers=middleware.stream_headers(request))
     response.content_type = "application/x-ndjson"
     await response.prepare(request)
-    async for event in dispatcher.follow(task_id, owner=owner):
-        await response.write(json.dumps(event).encode() + b"\n")
+    async with request.app[STREAMS_KEY].open():
+        async for event in dispatcher.follow(task_id, owner=owner):
+            await response.write(json.dumps(event).encode() + b"\n")
     await response.write_eof()
     return response
 
@@ -317,6 +353,26 @@ async def workers(request: web.Request) -> web.Response:
         view["connected_at"] = rfc3339(view["connected_at"])
         view["last_heartbeat"] = rfc3339(view["last_heartbeat"])
     return _json({"workers": views, "total": len(views)})
+
+
+async def whoami(request: web.Request) -> web.Response:
+    """Who the token is and what its role may do (the dashboard's login; any role)."""
+    principal = middleware.require(request, ANY, "ask who it is")
+    _check_query(request, set())
+    role = principal.role
+    return _json(
+        {
+            "subject": principal.subject,
+            "role": role,
+            "token_id": principal.jti,
+            "can": {
+                "submit": role in TASKS,
+                "see_all_tasks": role in CLUSTER,
+                "see_cluster": role in CLUSTER,
+                "admin": role in ADMIN,
+            },
+        }
+    )
 
 
 async def stats(request: web.Request) -> web.Response:
@@ -347,31 +403,42 @@ async def events(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     changed, wake = dispatcher.watchers.feed.subscribe()
     try:
-        next_stats = 0.0
-        while True:
-            now = asyncio.get_running_loop().time()
-            if now >= next_stats:
-                await _event(response, "stats", await _live_stats(dispatcher, owner))
-                next_stats = now + EVENT_SECONDS
-            if changed:
-                overflow = len(changed) >= live.Feed.LIMIT
-                ids = [changed.pop() for _ in range(min(EVENT_BATCH, len(changed)))]
-                if overflow:
-                    changed.clear()
-                    await _event(response, "reload", {"reason": "too many changes"})
-                tasks = await dispatcher.store.get_tasks(ids)
-                visible = [task_summary(t) for t in tasks if owner is None or t.owner == owner]
-                if visible:
-                    await _event(response, "tasks", visible)
-                continue
-            wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), max(0.05, next_stats - now))
+        async with request.app[STREAMS_KEY].open():
+            await _event_loop(response, dispatcher, owner, changed, wake)
     except (ConnectionResetError, ConnectionError):
         pass  # the reader went away
     finally:
         dispatcher.watchers.feed.unsubscribe((changed, wake))
     return response
+
+
+async def _event_loop(
+    response: web.StreamResponse,
+    dispatcher: Dispatcher,
+    owner: str | None,
+    changed: set[str],
+    wake: asyncio.Event,
+) -> None:
+    next_stats = 0.0
+    while True:
+        now = asyncio.get_running_loop().time()
+        if now >= next_stats:
+            await _event(response, "stats", await _live_stats(dispatcher, owner))
+            next_stats = now + EVENT_SECONDS
+        if changed:
+            overflow = len(changed) >= live.Feed.LIMIT
+            ids = [changed.pop() for _ in range(min(EVENT_BATCH, len(changed)))]
+            if overflow:
+                changed.clear()
+                await _event(response, "reload", {"reason": "too many changes"})
+            tasks = await dispatcher.store.get_tasks(ids)
+            visible = [task_summary(t) for t in tasks if owner is None or t.owner == owner]
+            if visible:
+                await _event(response, "tasks", visible)
+            continue
+        wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), max(0.05, next_stats - now))
 
 
 async def _event(response: web.StreamResponse, name: str, data: Any) -> None:

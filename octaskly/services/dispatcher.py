@@ -824,12 +824,15 @@ class Dispatcher:
     # -- introspection ----------------------------------------------------------------------
     async def stats(self) -> dict[str, Any]:
         counts = await self.store.count_by_status()
+        depth = await self.store.queued_by_priority()
         workers = self.peers.views()
         busy = sum(1 for w in workers if w["current_jobs"] > 0)
         mem = self._process.memory_info().rss / (1024 * 1024)
         return {
             "workers": {"total": len(workers), "active": busy, "idle": len(workers) - busy},
             "tasks": {s.value: counts.get(s, 0) for s in models.TaskStatus},
+            "queue": {p.label: depth.get(p, 0) for p in sorted(models.Priority, reverse=True)},
+            "throughput": {"finished_total": self.metrics.finished_total()},
             "system": {
                 "uptime_seconds": int(self.clock() - self.started_at),
                 "memory_usage_mb": round(mem, 1),

@@ -136,5 +136,16 @@ class Metrics:
         for state, count in states.items():
             self.workers.labels(state).set(count)
 
+    def finished_total(self) -> int:
+        """Task runs ended since this process started, whatever their outcome."""
+        return int(
+            sum(
+                sample.value
+                for metric in self.finished.collect()
+                for sample in metric.samples
+                if sample.name.endswith("_total")
+            )
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -138,3 +139,7 @@ def test_pyz_runs_dispatcher_and_worker_from_anywhere(pyz: Path, tmp_path: Path)
             timeout=60,
         )
         assert (submit.returncode, submit.stdout) == (0, "zip\n"), submit.stderr
+        # the dashboard's files travel inside the zipapp
+        for asset in ("", "app.js", "app.css", "icon.svg"):
+            with urllib.request.urlopen(f"{api}/ui/{asset}", timeout=10) as resp:
+                assert resp.status == 200 and len(resp.read()) > 100, asset

@@ -175,7 +175,7 @@ async def test_health_ready_stats_openapi(cluster: Cluster) -> None:
     assert status == 200 and ready["role"] == "primary"
     status, stats = await cluster.api("GET", "/api/v1/stats")
     assert status == 200
-    assert set(stats) == {"workers", "tasks", "system", "database", "ha"}
+    assert set(stats) == {"workers", "tasks", "queue", "throughput", "system", "database", "ha"}
     assert stats["ha"]["role"] == "primary" and stats["ha"]["degraded"] is None
     assert set(stats["tasks"]) == {
         "queued",

@@ -93,3 +93,21 @@ async def test_clients_see_only_their_own_tasks_and_no_cluster_stats(tmp_path: P
 
             ids = await asyncio.wait_for(first_task_event(), 5)
         assert alices in ids and bobs not in ids
+
+
+async def test_shutdown_ends_open_event_and_log_streams_cleanly(tmp_path: Path) -> None:
+    """A dispatcher stopping (SIGTERM) ends its endless responses itself instead of
+    waiting out aiohttp's 60 s grace for readers that never leave: each reader sees a
+    complete response end, not a cut connection, and goes to reconnect or fail over."""
+    async with running_cluster(tmp_path) as cluster:
+        task_id = await cluster.submit(command="true")  # no worker: it stays queued
+        events = await cluster.http.get(f"{cluster.base_url}/api/v1/events")
+        logs = await cluster.http.get(f"{cluster.base_url}/api/v1/tasks/{task_id}/logs?follow=true")
+        assert (events.status, logs.status) == (200, 200)
+        assert (await events.content.readuntil(b"\n\n")).startswith(b"event: stats")
+        stopping = asyncio.create_task(cluster.runner.cleanup())
+        rest = await asyncio.gather(events.read(), logs.read())  # a cut stream raises here
+        await stopping
+        assert rest[1] == b""  # nothing was said about the queued task, and no error
+        events.release()
+        logs.release()

@@ -57,6 +57,11 @@ async def test_a_primary_that_hears_of_a_newer_term_steps_down(tmp_path: Path) -
             assert status == 503 and "standby" in body["error"]
             status, ready = await cluster.api("GET", "/ready")
             assert status == 503 and ready["role"] == "standby" and ready["term"] == 5
+            # the dashboard still loads there, and tells its user what the API says
+            async with cluster.http.get(f"{cluster.base_url}/ui/") as resp:
+                assert resp.status == 200 and resp.headers["X-Octaskly-Role"] == "standby"
+            status, body = await cluster.api("GET", "/api/v1/whoami")
+            assert status == 503 and "the primary is at P2P" in body["error"]
             ha_status = cluster.dispatcher.ha.status()
             assert ha_status["events"][-1]["event"] == "demoted"
             assert ha_status["primary"] == worker.primary
