@@ -349,4 +349,6 @@ async def test_the_page_reconnects_to_a_restarted_dispatcher_and_stays_live(
     await expect(row).to_have_attribute("data-status", "completed")
     await expect(page.locator("#app")).to_be_visible()
     assert await page.evaluate("window.__sameDocument") == "yes"
-    assert problems == []
+    # Chromium logs the reconnect attempts made while the dispatcher was down
+    unexpected = [p for p in problems if "ERR_CONNECTION_REFUSED" not in p]
+    assert unexpected == []
