@@ -481,6 +481,16 @@ def self_command() -> list[str]:
     return [sys.executable, "-m", "octaskly"]
 
 
+def _die_with_parent() -> None:
+    """(in the child, before exec) Linux: SIGTERM this process when its parent dies, so
+    that `octaskly dev` killed with -9 does not leave its workers behind."""
+    if sys.platform == "linux":
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 async def run_dev(settings: config_settings.Settings, workers: int) -> int:
     running = await start_dispatcher(settings)
     data_dir = settings.data_dir()
@@ -500,10 +510,14 @@ async def run_dev(settings: config_settings.Settings, workers: int) -> int:
             "--dispatcher-addr",
             f"127.0.0.1:{running.p2p.port}",
         ]
-        procs.append(subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL))
+        procs.append(
+            subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        )
     print(
         f"octaskly dev: dispatcher + {workers} workers; API http://127.0.0.1:"
-        f"{running.api_port}; data in {data_dir}. Try: octaskly submit --wait -- echo hello",
+        f"{running.api_port}; data in {data_dir}. Try: octaskly submit --wait -- echo hello\n"
+        f"dashboard: http://127.0.0.1:{running.api_port}/ui (log in with the token in "
+        f"{data_dir / 'admin.token'})",
         file=sys.stderr,
         flush=True,
     )

@@ -10,6 +10,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.e2e import procs
@@ -45,6 +46,10 @@ def test_dev_runs_a_local_cluster(tmp_path: Path) -> None:
         assert (data / "secret.key").stat().st_mode & 0o777 == 0o600
         assert (data / "admin.token").stat().st_mode & 0o777 == 0o600
         assert data.stat().st_mode & 0o777 == 0o700
+        (log,) = tmp_path.glob("dev-*.log")  # it says where the dashboard is
+        assert f"dashboard: {api}/ui (log in with the token in .octaskly/admin.token)" in (
+            log.read_text()
+        )
         assert procs.stop(ps[0], signal.SIGINT) == 0
         # the workers went down with it
         wait_for(
@@ -57,6 +62,30 @@ def test_dev_runs_a_local_cluster(tmp_path: Path) -> None:
             ),
             what="dev workers to exit",
         )
+
+
+def test_dev_workers_do_not_outlive_a_killed_dev(tmp_path: Path) -> None:
+    """kill -9 of `octaskly dev` (no chance to clean up): its workers still go."""
+    port, api_port = free_port(), free_port()
+    api = f"http://127.0.0.1:{api_port}"
+    with procs.processes() as ps:
+        ps.append(
+            procs.start(
+                ["dev", "--port", str(port), "--api-port", str(api_port)],
+                cwd=tmp_path,
+                env=clean_env(HOME=str(tmp_path)),
+            )
+        )
+        wait_healthy(api, ps[0], data_dir=tmp_path / ".octaskly")
+        wait_for(
+            lambda: http("GET", f"{api}/api/v1/workers")[1]["total"] == 2, what="two dev workers"
+        )
+        children = psutil.Process(ps[0].pid).children()
+        assert len(children) == 2
+        ps[0].kill()
+        gone, alive = psutil.wait_procs(children, timeout=20)
+        assert alive == [], f"workers left behind: {alive}"
+        print(f"dev killed -9: its {len(gone)} workers exited by themselves")
 
 
 def _readable(pid: str) -> bool:
