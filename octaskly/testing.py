@@ -119,6 +119,31 @@ class InMemoryStore:
             self.commit_count += 1
         return applied
 
+    async def prune_tasks(self, completed_before: float, *, batch: int = 1000) -> int:
+        """Delete finished tasks that completed before the cutoff, oldest first, `batch`
+        per "transaction"; return how many."""
+        self._ensure_open()
+        if batch < 1:
+            raise ValueError("batch must be at least 1")
+        old = sorted(
+            (
+                t
+                for t in self._tasks.values()
+                if t.status in models.TERMINAL_STATUSES
+                and t.completed_at is not None
+                and t.completed_at < completed_before
+            ),
+            key=lambda t: t.completed_at or 0.0,
+        )
+        for start in range(0, len(old), batch):
+            for task in old[start : start + batch]:
+                del self._tasks[task.id]
+                del self._inserted[task.id]
+                if task.idempotency_key is not None:
+                    self._keys.pop((task.owner or "", task.idempotency_key), None)
+            self.commit_count += 1
+        return len(old)
+
     # -- reading --------------------------------------------------------------------------
     async def get_task(self, task_id: str) -> models.Task | None:
         """A copy of the task with this id, or None."""

@@ -154,5 +154,11 @@ async def running_cluster(
         await http.close()
         p2p.close()
         await runner.cleanup()
+        # A handler draining an unread request body (aiohttp's lingering close, e.g. after a
+        # 413 refused from the Content-Length alone) outlives cleanup() once its client is
+        # gone, for up to 10 s: end it with the server.
+        for task in asyncio.all_tasks():
+            if task.get_coro().__qualname__ == "RequestHandler.start":  # type: ignore[union-attr]
+                task.cancel()
         await dispatcher.stop()
         await p2p.wait_closed()

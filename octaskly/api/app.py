@@ -11,7 +11,7 @@ from aiohttp import web
 from octaskly.api import middleware, openapi, routes, ui
 from octaskly.services.dispatcher import Dispatcher
 
-MAX_BODY_BYTES = 64 * 1024 * 1024
+MAX_BODY_BYTES = routes.MAX_BODY_BYTES
 
 
 def build(dispatcher: Dispatcher, *, require_auth: bool = False) -> web.Application:
@@ -38,8 +38,11 @@ def build(dispatcher: Dispatcher, *, require_auth: bool = False) -> web.Applicat
     app.router.add_post("/api/v1/tasks", routes.submit)
     app.router.add_post("/api/v1/tasks/batch", routes.submit_batch)
     app.router.add_get("/api/v1/tasks", routes.list_tasks)
-    app.router.add_get("/api/v1/tasks/{task_id}", routes.get_task)
-    app.router.add_delete("/api/v1/tasks/{task_id}", routes.cancel_task)
+    # not "batch": GET/DELETE/OPTIONS /api/v1/tasks/batch are a 405 with `Allow: POST`, not a
+    # 400 for a malformed task id (and its Allow header lists only POST)
+    task = r"/api/v1/tasks/{task_id:(?!batch$)[^/]+}"
+    app.router.add_get(task, routes.get_task)
+    app.router.add_delete(task, routes.cancel_task)
     app.router.add_get("/api/v1/tasks/{task_id}/logs", routes.task_logs)
     app.router.add_get("/api/v1/workers", routes.workers)
     app.router.add_get("/api/v1/stats", routes.stats)

@@ -27,11 +27,98 @@ def _resp(description: str, schema: dict[str, Any] | None = None) -> dict[str, A
     return out
 
 
+# Any request may be refused by the HTTP layer before the API sees it — a malformed or
+# over-long (8 KiB) request line or header — with a 400 in text/plain.
+_PLAIN = {"text/plain": {"schema": {"type": "string"}}}
+_HTTP_400 = {
+    "description": "a request the HTTP layer refused: malformed, or a request line or header "
+    "over 8 KiB (text/plain)",
+    "content": _PLAIN,
+}
 _ERRORS = {
-    "400": _resp("invalid input; `field` names it", _ref("Error")),
+    "400": {
+        "description": "invalid input; `field` names it (text/plain: refused by the HTTP "
+        "layer, see above)",
+        "content": {**_json_content(_ref("Error")), **_PLAIN},
+    },
     "401": _resp("missing or invalid credentials", _ref("Error")),
     "403": _resp("the caller's role may not do this", _ref("Error")),
+    "503": _resp(
+        "this dispatcher is a standby or is handing over to one (the message says where the "
+        "primary is; X-Octaskly-Role), or its database is unavailable; see Retry-After",
+        _ref("Error"),
+    ),
 }
+_UNAUTHORIZED = {"401": _ERRORS["401"]}
+# requests that carry a body or write to the database
+_TOO_LARGE = {"413": _resp("the request body is over 64 MiB", _ref("Error"))}
+_DISK_FULL = {"507": _resp("the database disk is full; see Retry-After", _ref("Error"))}
+_CONFLICT_KEY = {
+    "409": _resp(
+        "the Idempotency-Key was used by a different request (another batch size, or a "
+        "single task whose key is one of this batch's KEY#N)",
+        _ref("Error"),
+    )
+}
+
+
+def _object(required: dict[str, Any], optional: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A JSON object with these properties (the required ones always present)."""
+    return {
+        "type": "object",
+        "required": list(required),
+        "properties": {**required, **(optional or {})},
+    }
+
+
+_STR = {"type": "string"}
+_INT = {"type": "integer"}
+_NUM = {"type": "number"}
+_BOOL = {"type": "boolean"}
+_OBJ = {"type": "object"}
+_DATE = {"type": "string", "format": "date-time"}
+_ROLE = {"type": "string", "enum": ["primary", "standby"]}
+_WORKER = _object(
+    {
+        "id": _STR,
+        "name": _STR,
+        "address": _STR,
+        "version": _STR,
+        "resources": _OBJ,
+        "max_jobs": _INT,
+        "current_jobs": _INT,
+        "sandbox_level": _STR,
+        "state": {"type": "string", "enum": ["idle", "busy", "draining", "offline"]},
+        "connected_at": _DATE,
+        "last_heartbeat": _DATE,
+    }
+)
+_STATS = _object(
+    {
+        "workers": _object({"total": _INT, "active": _INT, "idle": _INT}),
+        "tasks": _object({s: _INT for s in _STATUSES}),
+        "queue": _object({p: _INT for p in ("critical", "high", "normal", "low")}),
+        "throughput": _OBJ,
+        "system": _object(
+            {"uptime_seconds": _INT, "memory_usage_mb": _NUM, "cpu_usage_percent": _NUM}
+        ),
+        "database": _object({"total_tasks": _INT, "disk_size_mb": _NUM}),
+        "ha": _object({"role": _ROLE, "term": _INT}),
+    }
+)
+
+
+def _task_links(task_id: str) -> dict[str, Any]:
+    """OpenAPI links from a response naming a task to what can be done with it."""
+    task = "#/paths/~1api~1v1~1tasks~1{task_id}"
+    return {
+        "GetTask": {"operationRef": f"{task}/get", "parameters": {"task_id": task_id}},
+        "CancelTask": {"operationRef": f"{task}/delete", "parameters": {"task_id": task_id}},
+        "GetTaskLogs": {
+            "operationRef": f"{task}~1logs/get",
+            "parameters": {"task_id": task_id},
+        },
+    }
 
 
 def _task_id_param() -> dict[str, Any]:
@@ -69,6 +156,21 @@ def _schemas() -> dict[str, Any]:
             "error": {"type": ["string", "null"]},
             "timeout": {"type": "integer"},
             "waiting_reason": {"type": ["string", "null"]},
+            "retry_count": {"type": "integer"},
+            "memory_limit_mb": {"type": ["integer", "null"]},
+            "cpu_seconds": {"type": ["integer", "null"]},
+            "disk_limit_mb": {"type": ["integer", "null"]},
+            "open_files_limit": {"type": ["integer", "null"]},
+            "process_limit": {"type": ["integer", "null"]},
+            "limits_preset": {"type": ["string", "null"]},
+            "effective_limits": {"type": "object"},
+            "sandbox_level": {"type": ["string", "null"]},
+            "env": {"type": "object", "additionalProperties": {"type": "string"}},
+            "inputs": {"type": "array", "items": {"type": "string"}},
+            "outputs": {"type": "array", "items": {"type": "string"}},
+            "requirements": {"type": "object"},
+            "owner": {"type": ["string", "null"]},
+            "retry_at": _TS,
         }
     )
     return {
@@ -101,21 +203,37 @@ def _task_paths() -> dict[str, Any]:
         "schema": {"type": "string", "minLength": 1, "maxLength": 255},
     }
     created = _resp(
-        "queued durably",
-        {
-            "type": "object",
-            "required": ["id", "status"],
-            "properties": {"id": {"type": "string"}, "status": {"type": "string"}},
-        },
+        "queued durably (Idempotent-Replayed: true: the task an earlier request with this "
+        "Idempotency-Key made, in its current status)",
+        _object(
+            {
+                "id": _STR,
+                "command": _STR,
+                "status": {"type": "string", "enum": _STATUSES},
+                "priority": {"type": "string", "enum": ["low", "normal", "high", "critical"]},
+                "created_at": _DATE,
+            }
+        ),
     )
-    full = _resp("queue full or database unavailable; see Retry-After", _ref("Error"))
+    full = _resp(
+        "the queue is full, the database is unavailable, or this dispatcher is a standby or "
+        "handing over to one; see Retry-After",
+        _ref("Error"),
+    )
     return {
         "/api/v1/tasks": {
             "post": {
                 "summary": "Submit a task",
                 "parameters": [idem],
                 "requestBody": {"required": True, "content": _json_content(_ref("TaskSpec"))},
-                "responses": {"201": created, "503": full, **_ERRORS},
+                "responses": {
+                    "201": {**created, "links": _task_links("$response.body#/id")},
+                    **_ERRORS,
+                    "503": full,
+                    **_CONFLICT_KEY,
+                    **_TOO_LARGE,
+                    **_DISK_FULL,
+                },
             },
             "get": {
                 "summary": "List tasks, newest first",
@@ -187,9 +305,13 @@ def _task_paths() -> dict[str, Any]:
                             "required": ["ids"],
                             "properties": {"ids": {"type": "array", "items": {"type": "string"}}},
                         },
-                    ),
-                    "503": full,
+                    )
+                    | {"links": _task_links("$response.body#/ids/0")},
                     **_ERRORS,
+                    "503": full,
+                    **_CONFLICT_KEY,
+                    **_TOO_LARGE,
+                    **_DISK_FULL,
                 },
             }
         },
@@ -208,18 +330,12 @@ def _task_paths() -> dict[str, Any]:
                 "responses": {
                     "200": _resp(
                         "cancelled",
-                        {
-                            "type": "object",
-                            "properties": {
-                                "id": {"type": "string"},
-                                "status": {"type": "string"},
-                                "message": {"type": "string"},
-                            },
-                        },
+                        _object({"id": _STR, "status": {"const": "cancelled"}, "message": _STR}),
                     ),
                     "404": _resp("no such task", _ref("Error")),
                     "409": _resp("already finished", _ref("Error")),
                     **_ERRORS,
+                    **_DISK_FULL,
                 },
             },
         },
@@ -234,7 +350,18 @@ def _task_paths() -> dict[str, Any]:
                     "200": {
                         "description": "the output",
                         "content": {
-                            "application/json": {"schema": {"type": "object"}},
+                            "application/json": {
+                                "schema": _object(
+                                    {
+                                        "id": _STR,
+                                        "status": {"type": "string", "enum": _STATUSES},
+                                        "stdout": _STR,
+                                        "stderr": _STR,
+                                        "stdout_dropped_bytes": _INT,
+                                        "stderr_dropped_bytes": _INT,
+                                    }
+                                )
+                            },
                             "application/x-ndjson": {"schema": {"type": "string"}},
                         },
                     },
@@ -254,13 +381,21 @@ def document() -> dict[str, Any]:
             "/api/v1/workers": {
                 "get": {
                     "summary": "Connected workers",
-                    "responses": {"200": _resp("workers", obj), **_ERRORS},
+                    "responses": {
+                        "200": _resp(
+                            "workers",
+                            _object(
+                                {"workers": {"type": "array", "items": _WORKER}, "total": _INT}
+                            ),
+                        ),
+                        **_ERRORS,
+                    },
                 }
             },
             "/api/v1/stats": {
                 "get": {
                     "summary": "Cluster statistics",
-                    "responses": {"200": _resp("statistics", obj), **_ERRORS},
+                    "responses": {"200": _resp("statistics", _STATS), **_ERRORS},
                 }
             },
             "/api/v1/tokens": {
@@ -298,9 +433,29 @@ def document() -> dict[str, Any]:
                     },
                     "responses": {
                         "201": _resp(
-                            "the token (shown once) and its id, subject, role and expiry", obj
-                        ),
+                            "the token (shown once) and its id, subject, role and expiry",
+                            _object(
+                                {
+                                    "token": _STR,
+                                    "id": _STR,
+                                    "subject": _STR,
+                                    "role": _STR,
+                                    "issued_at": _DATE,
+                                    "expires_at": _DATE,
+                                }
+                            ),
+                        )
+                        | {
+                            "links": {
+                                "RevokeToken": {
+                                    "operationRef": "#/paths/~1api~1v1~1tokens~1{jti}/delete",
+                                    "parameters": {"jti": "$response.body#/id"},
+                                }
+                            }
+                        },
                         **_ERRORS,
+                        **_TOO_LARGE,
+                        **_DISK_FULL,
                     },
                 }
             },
@@ -315,7 +470,14 @@ def document() -> dict[str, Any]:
                             "schema": {"type": "string", "pattern": "^[A-Za-z0-9]{1,64}$"},
                         }
                     ],
-                    "responses": {"200": _resp("revoked", obj), **_ERRORS},
+                    "responses": {
+                        "200": _resp(
+                            "revoked (also when it already was)",
+                            _object({"id": _STR, "revoked": {"const": True}, "message": _STR}),
+                        ),
+                        **_ERRORS,
+                        **_DISK_FULL,
+                    },
                 }
             },
             "/api/v1/audit-logs": {
@@ -338,7 +500,22 @@ def document() -> dict[str, Any]:
                             "schema": {"type": "string", "pattern": "^[a-z_]{1,64}$"},
                         },
                     ],
-                    "responses": {"200": _resp("a page of entries", obj), **_ERRORS},
+                    "responses": {
+                        "200": _resp(
+                            "a page of entries",
+                            _object(
+                                {
+                                    "entries": {"type": "array", "items": _OBJ},
+                                    "total": _INT,
+                                    "returned": _INT,
+                                    "limit": _INT,
+                                    "offset": _INT,
+                                    "enabled": _BOOL,
+                                }
+                            ),
+                        ),
+                        **_ERRORS,
+                    },
                 }
             },
             "/api/v1/events": {
@@ -368,6 +545,7 @@ def document() -> dict[str, Any]:
                             },
                         },
                         **_ERRORS,
+                        "501": _resp("this store cannot make online backups", _ref("Error")),
                     },
                 }
             },
@@ -375,7 +553,29 @@ def document() -> dict[str, Any]:
                 "get": {
                     "summary": "Role, term, replication state and lag, failover state "
                     "(admin, dispatcher); answered by primary and standby alike",
-                    "responses": {"200": _resp("the node's HA status", obj), **_ERRORS},
+                    "responses": {
+                        "200": _resp(
+                            "the node's HA status",
+                            _object(
+                                {
+                                    "role": _ROLE,
+                                    "term": _INT,
+                                    "replication": {"type": ["object", "null"]},
+                                },
+                                {
+                                    "node": _STR,
+                                    "lsn": _INT,
+                                    "db_id": _STR,
+                                    "primary": {"type": ["string", "null"]},
+                                    "switching": _BOOL,
+                                    "degraded": {"type": ["string", "null"]},
+                                    "failover": _OBJ,
+                                    "events": {"type": "array"},
+                                },
+                            ),
+                        ),
+                        **_ERRORS,
+                    },
                 }
             },
             "/api/v1/ha/switchover": {
@@ -397,9 +597,13 @@ def document() -> dict[str, Any]:
                         },
                     },
                     "responses": {
-                        "200": _resp("the new term and primary", obj),
+                        "200": _resp(
+                            "the new term and primary",
+                            _object({"term": _INT, "primary": _STR, "lsn": _INT, "seconds": _NUM}),
+                        ),
                         "409": _resp("not the primary, or no standby", _ref("Error")),
                         **_ERRORS,
+                        **_TOO_LARGE,
                     },
                 }
             },
@@ -420,9 +624,12 @@ def document() -> dict[str, Any]:
                         },
                     },
                     "responses": {
-                        "200": _resp("the new role and term", obj),
+                        "200": _resp(
+                            "the new role and term", _object({"role": _ROLE, "term": _INT})
+                        ),
                         "409": _resp("already primary, or stale", _ref("Error")),
                         **_ERRORS,
+                        **_TOO_LARGE,
                     },
                 }
             },
@@ -489,7 +696,10 @@ def document() -> dict[str, Any]:
                 }
             },
             "/api/v1/openapi.json": {
-                "get": {"summary": "This document", "responses": {"200": _resp("OpenAPI 3.1", obj)}}
+                "get": {
+                    "summary": "This document (any role)",
+                    "responses": {"200": _resp("OpenAPI 3.1", obj), **_UNAUTHORIZED},
+                }
             },
             "/metrics": {
                 "get": {
@@ -507,18 +717,56 @@ def document() -> dict[str, Any]:
                 "get": {
                     "summary": "Liveness",
                     "security": [],
-                    "responses": {"200": _resp("healthy", obj), "503": _resp("unhealthy", obj)},
+                    "responses": {
+                        "200": _resp(
+                            "alive (degraded: replication is impaired, `degraded_reason` says how)",
+                            _object(
+                                {
+                                    "status": {"type": "string", "enum": ["healthy", "degraded"]},
+                                    "version": _STR,
+                                    "uptime_seconds": _INT,
+                                    "role": _ROLE,
+                                    "term": _INT,
+                                },
+                                {"degraded_reason": _STR},
+                            ),
+                        ),
+                        "503": _resp(
+                            "the database is unusable, or the dispatcher failed",
+                            _object({"status": {"const": "unhealthy"}, "message": _STR}),
+                        ),
+                    },
                 }
             },
             "/ready": {
                 "get": {
                     "summary": "200 only on the node that accepts writes",
                     "security": [],
-                    "responses": {"200": _resp("ready", obj), "503": _resp("not ready", obj)},
+                    "responses": {
+                        "200": _resp(
+                            "ready",
+                            _object({"ready": {"const": True}, "role": _ROLE, "term": _INT}),
+                        ),
+                        "503": _resp(
+                            "not ready (a standby, switching over, or the database is unusable)",
+                            _object(
+                                {
+                                    "ready": {"const": False},
+                                    "role": _ROLE,
+                                    "term": _INT,
+                                    "message": _STR,
+                                }
+                            ),
+                        ),
+                    },
                 }
             },
         }
     )
+    for operations in paths.values():
+        for method, operation in operations.items():
+            if method != "parameters":
+                operation["responses"].setdefault("400", _HTTP_400)
     return {
         "openapi": "3.1.0",
         "info": {

@@ -19,6 +19,7 @@ from aiohttp import web
 from octaskly.api import middleware
 from octaskly.api.middleware import HTTPProblem, rfc3339
 from octaskly.domain import models
+from octaskly.protocol import framing
 from octaskly.services import auditing, live, tokens
 from octaskly.services import metrics as metrics_module
 from octaskly.services.dispatcher import Dispatcher
@@ -68,6 +69,8 @@ CLUSTER = frozenset({"admin", "dispatcher"})
 ADMIN = frozenset({"admin"})
 ANY = frozenset({"admin", "dispatcher", "worker", "client"})
 MAX_BATCH = 10_000
+MAX_BODY_BYTES = 64 * 1024 * 1024
+"""The largest request body (the application's client_max_size)."""
 _TASK_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _spec_adapter = pydantic.TypeAdapter(models.TaskSpec)
 
@@ -86,13 +89,24 @@ def _json(data: Any, status: int = 200, headers: Mapping[str, str] | None = None
 
 # -- input ----------------------------------------------------------------------------------
 async def _body(request: web.Request) -> Any:
+    declared = request.content_length
+    if declared is not None and declared > MAX_BODY_BYTES:
+        # refused from the header: aiohttp would read (and hold) 64 MiB before its 413
+        raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY_BYTES, actual_size=declared)
     raw = await request.read()
     if not raw:
         raise HTTPProblem(400, "request body is empty; send a JSON object")
     try:
-        return json.loads(raw)
+        body = json.loads(raw)
+    except RecursionError:  # "[[[[...": a 500 before
+        raise HTTPProblem(400, "request body is not valid JSON: nested too deeply") from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise HTTPProblem(400, f"request body is not valid JSON: {exc}") from None
+    if framing.has_lone_surrogate(body):  # e.g. an env value "\udfff": a 500 when stored
+        raise HTTPProblem(
+            400, "request body is not valid JSON: a lone surrogate escape (\\ud800-\\udfff)"
+        )
+    return body
 
 
 def _spec(raw: Any, where: str = "") -> models.TaskSpec:
@@ -338,10 +352,13 @@ async def task_logs(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers=middleware.stream_headers(request))
     response.content_type = "application/x-ndjson"
     await response.prepare(request)
-    async with request.app[STREAMS_KEY].open():
-        async for event in dispatcher.follow(task_id, owner=owner):
-            await response.write(json.dumps(event).encode() + b"\n")
-    await response.write_eof()
+    try:
+        async with request.app[STREAMS_KEY].open():
+            async for event in dispatcher.follow(task_id, owner=owner):
+                await response.write(json.dumps(event).encode() + b"\n")
+        await response.write_eof()
+    except ConnectionError:
+        pass  # the reader went away (not an internal error with a traceback in the log)
     return response
 
 

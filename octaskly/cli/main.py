@@ -41,6 +41,7 @@ DISPATCHER_KEYS = [
     "connection_timeout",
     "default_timeout",
     "sqlite_synchronous",
+    "task_retention_hours",
     "tls_cert",
     "tls_key",
     *COMMON_KEYS,

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import logging
 import os
+import resource
 import secrets
 import signal
 import socket
@@ -34,6 +36,7 @@ from octaskly.store import sqlite
 from octaskly.transport import discovery, p2p, tls
 
 log = logging.getLogger("octaskly")
+API_BACKLOG = 1024
 SECRET_FILE = "secret.key"
 LOCK_FILE = "dispatcher.lock"
 TLS_DIR = "tls"
@@ -98,6 +101,7 @@ def dispatcher_options(settings: config_settings.Settings, secret: bytes) -> dis
             settings.data_dir() / auditing.FILE if settings.security.audit_logging else None
         ),
         audit_retention_days=settings.storage.log_retention_days,
+        task_retention_hours=settings.storage.task_retention_hours,
     )
 
 
@@ -240,10 +244,25 @@ async def _serve(
         if settings.security.require_auth:
             await ensure_admin_token(dispatcher, data_dir)
         app = api_app.build(dispatcher, require_auth=settings.security.require_auth)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # An API connection with no request in progress — idle after a response, or still
+        # sending its request's headers (slowloris) — is closed after connection_timeout
+        # (aiohttp's default: 3630 s, time enough to use up the fd limit).
+        runner = web.AppRunner(
+            app,
+            access_log=None,
+            handle_signals=False,
+            keepalive_timeout=settings.performance.connection_timeout,
+        )
         await runner.setup()
         site = web.TCPSite(
-            runner, net.bind_address, net.api_port, reuse_address=True, ssl_context=api_tls
+            runner,
+            net.bind_address,
+            net.api_port,
+            reuse_address=True,
+            ssl_context=api_tls,
+            # room for a burst of connections (aiohttp's 128 fills in a few milliseconds,
+            # after which Linux drops SYNs and clients wait a 1 s retransmission)
+            backlog=API_BACKLOG,
         )
         try:
             await site.start()
@@ -277,6 +296,19 @@ def lock_data_dir(data_dir: Path) -> int:
     return fd
 
 
+def data_dir_error(data_dir: Path, exc: OSError) -> errors.StorageError:
+    """A data dir the dispatcher cannot write (a read-only mount, say): which and why."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    reason = f"{where}{exc.strerror or exc}"
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return errors.StorageError(
+            f"data dir {data_dir} is read-only ({reason}): the dispatcher must write its lock, "
+            "database, keys and logs there. Check the permissions, the mount options and "
+            "`lsattr`, or choose another --data-dir"
+        )
+    return errors.StorageError(f"cannot use data dir {data_dir} ({reason})")
+
+
 def data_dir_in_use(data_dir: Path) -> bool:
     """Whether a dispatcher holds the lock of `data_dir` now."""
     try:
@@ -296,8 +328,11 @@ async def start_dispatcher(settings: config_settings.Settings) -> RunningDispatc
     _refuse_unavailable(settings)
     api_tls = api_tls_context(settings)  # before anything starts: bad files fail fast
     data_dir = settings.data_dir()
-    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    lock = lock_data_dir(data_dir)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        lock = lock_data_dir(data_dir)
+    except OSError as exc:
+        raise data_dir_error(data_dir, exc) from None
     try:
         return await _start_locked(settings, data_dir, api_tls, lock)
     except BaseException:
@@ -380,7 +415,22 @@ async def _until_signal(*extra: asyncio.Future[Any] | asyncio.Event) -> None:
             loop.remove_signal_handler(sig)
 
 
+def raise_open_files_limit() -> None:
+    """Every API client, worker and standby connection is a file descriptor: take the hard
+    limit of open files, not the soft one a shell usually starts with (1024 — a thousand
+    idle connections would make the dispatcher refuse everyone). The systemd unit sets
+    LimitNOFILE=65536; this covers a dispatcher started any other way."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # (an unlimited hard limit: the kernel's default fs.nr_open)
+    target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            log.info("raised the open files limit from %d to %d", soft, target)
+
+
 async def run_dispatcher(settings: config_settings.Settings) -> int:
+    raise_open_files_limit()
     running = await start_dispatcher(settings)
     try:
         await _until_signal(running.dispatcher.stopped)

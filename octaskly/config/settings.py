@@ -178,6 +178,14 @@ class StorageSettings(_Table):
     log_retention_days: int = Field(
         default=30, ge=1, le=3650, description="Days to keep audit log entries"
     )
+    task_retention_hours: float = Field(
+        default=720,
+        ge=0,
+        le=87_600,
+        allow_inf_nan=False,
+        description="Hours a finished task (its output, its idempotency key) is kept before "
+        "it is deleted (0: keep forever)",
+    )
     sqlite_synchronous: Literal["full", "normal"] = Field(
         default="full",
         description="SQLite fsync mode; 'normal' is faster but may lose the last commits "

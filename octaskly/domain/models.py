@@ -84,7 +84,15 @@ PriorityField = Annotated[
     Priority,
     pydantic.BeforeValidator(_priority),
     pydantic.PlainSerializer(lambda p: p.label, return_type=str),
-    pydantic.WithJsonSchema({"type": "string", "enum": ["low", "normal", "high", "critical"]}),
+    pydantic.WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "enum": ["low", "normal", "high", "critical"]},
+                {"type": "integer", "minimum": 0, "maximum": 3},
+            ],
+            "description": "low, normal, high, critical (any case), or 0-3 (3: critical)",
+        }
+    ),
 ]
 
 
@@ -169,13 +177,29 @@ def effective_limits(
     )
 
 
+def _json_number(value: object) -> object:
+    """A JSON number as the API documents it: lax parsing would read true as 1 and "60"
+    as 60 (a number with no fraction, like 60.0, is a JSON Schema integer: kept)."""
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not a boolean")
+    if isinstance(value, str | bytes):
+        raise ValueError("must be a valid integer or number, not a string")
+    return value
+
+
 class Requirements(_Strict):
     """What a task needs from the worker that runs it."""
 
     cpu_cores: float = pydantic.Field(default=0, ge=0, le=4096)
     memory_mb: int = pydantic.Field(default=0, ge=0, le=16 * 1024 * 1024)
-    gpu: bool = False
+    # a JSON boolean, not what lax parsing makes of 0 or "yes" (schemathesis sent "gpu": 0)
+    gpu: bool = pydantic.Field(default=False, strict=True)
     labels: dict[str, str] = pydantic.Field(default_factory=dict, max_length=64)
+
+    @pydantic.field_validator("cpu_cores", "memory_mb", mode="before")
+    @classmethod
+    def _numbers(cls, value: object) -> object:
+        return _json_number(value)
 
     @pydantic.field_validator("labels")
     @classmethod
@@ -228,12 +252,10 @@ class TaskSpec(_Strict):
             raise ValueError(f"command is longer than {MAX_COMMAND_BYTES} bytes")
         return value
 
-    @pydantic.field_validator(*_LIMIT_FIELDS, mode="before")
+    @pydantic.field_validator("timeout", "retry_count", *_LIMIT_FIELDS, mode="before")
     @classmethod
     def _limit_is_a_number(cls, value: object) -> object:
-        if isinstance(value, bool):  # (lax mode would read true as 1)
-            raise ValueError("must be an integer, not a boolean")
-        return value
+        return _json_number(value)
 
     def limits(self) -> Limits:
         """The limits a run of this task gets (its own, else its preset's, else defaults)."""

@@ -21,7 +21,10 @@ MAX_FRAME_BYTES = 32 * 1024 * 1024
 
 def encode(message: dict[str, Any]) -> bytes:
     """One frame for `message` (which must carry a `type`)."""
-    body = json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    try:
+        body = json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: not Unicode text, cannot go on the wire
+        raise errors.ProtocolError("message holds a lone surrogate (not Unicode)") from None
     if len(body) > MAX_FRAME_BYTES:
         raise errors.ProtocolError(f"frame of {len(body)} bytes exceeds {MAX_FRAME_BYTES}")
     return HEADER.pack(len(body)) + body
@@ -29,12 +32,37 @@ def encode(message: dict[str, Any]) -> bytes:
 
 def decode_body(body: bytes) -> dict[str, Any]:
     try:
-        message = json.loads(body)
+        message = json.loads(body.decode("utf-8"))  # (json.loads would also take UTF-16/32)
+    except RecursionError:  # "[[[[...": json gives up at the interpreter's recursion limit
+        raise errors.ProtocolError("frame is nested too deeply") from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise errors.ProtocolError(f"frame is not valid JSON: {exc}") from None
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
         raise errors.ProtocolError("frame is not an object with a string 'type'")
+    if has_lone_surrogate(message):
+        raise errors.ProtocolError("frame holds a lone surrogate escape (\\ud800-\\udfff)")
     return message
+
+
+def has_lone_surrogate(value: Any) -> bool:
+    """Whether parsed JSON holds a string with a lone UTF-16 surrogate (an escape like
+    "\\ud800" that is not half of a pair): not Unicode text, and it cannot be written as
+    UTF-8 later (to SQLite, to the wire), where it would fail far from its source."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    return True
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 class FrameDecoder:

@@ -33,6 +33,9 @@ from octaskly.domain import models
 PROTOCOL_VERSION = 4
 _ID = pydantic.Field(min_length=1, max_length=200)
 _HEX = pydantic.Field(min_length=32, max_length=128, pattern=r"^[0-9a-f]+$")
+# Integers a peer sends end up in SQLite, whose INTEGER is 64-bit: a bigger one would fail
+# there (after the frame was taken), so it is refused as a protocol error on receipt.
+_INT64 = 2**63 - 1
 
 
 class _Message(pydantic.BaseModel):
@@ -41,7 +44,7 @@ class _Message(pydantic.BaseModel):
 
 class RunRef(_Message):
     task_id: Annotated[str, _ID]
-    attempt: int = pydantic.Field(ge=1)
+    attempt: int = pydantic.Field(ge=1, le=_INT64)
 
 
 class Challenge(_Message):
@@ -118,7 +121,7 @@ class Witness(_Message):
     reachable: bool
     silent_for: float = pydantic.Field(ge=0, le=1e9)
     """Seconds since the worker last heard from the primary."""
-    primary_lsn: int = pydantic.Field(default=0, ge=0)
+    primary_lsn: int = pydantic.Field(default=0, ge=0, le=_INT64)
     standby_synced: bool | None = None
 
 
@@ -149,7 +152,7 @@ class Release(_Message):
 class Output(_Message):
     type: Literal["output"] = "output"
     task_id: Annotated[str, _ID]
-    attempt: int = pydantic.Field(ge=1)
+    attempt: int = pydantic.Field(ge=1, le=_INT64)
     stream: Literal["stdout", "stderr"]
     data: str = pydantic.Field(max_length=4 * 1024 * 1024)
 
@@ -157,14 +160,14 @@ class Output(_Message):
 class Result(_Message):
     type: Literal["result"] = "result"
     task_id: Annotated[str, _ID]
-    attempt: int = pydantic.Field(ge=1)
+    attempt: int = pydantic.Field(ge=1, le=_INT64)
     status: Literal["completed", "failed", "timed_out", "cancelled"]
-    exit_code: int | None = None
-    duration_ms: int = pydantic.Field(ge=0)
+    exit_code: int | None = pydantic.Field(default=None, ge=-_INT64 - 1, le=_INT64)
+    duration_ms: int = pydantic.Field(ge=0, le=_INT64)
     stdout: str = ""
     stderr: str = ""
-    stdout_dropped: int = pydantic.Field(default=0, ge=0)
-    stderr_dropped: int = pydantic.Field(default=0, ge=0)
+    stdout_dropped: int = pydantic.Field(default=0, ge=0, le=_INT64)
+    stderr_dropped: int = pydantic.Field(default=0, ge=0, le=_INT64)
     error: str | None = pydantic.Field(default=None, max_length=4000)
 
 
@@ -261,7 +264,7 @@ class ReplicaState(_Message):
 
 class ReplicaAck(_Message):
     type: Literal["replica_ack"] = "replica_ack"
-    lsn: int = pydantic.Field(ge=0)
+    lsn: int = pydantic.Field(ge=0, le=_INT64)
 
 
 class Switchover(_Message):

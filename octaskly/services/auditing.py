@@ -19,8 +19,10 @@ call; never put a secret or a token in `details`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime
+import errno
 import hashlib
 import hmac
 import json
@@ -154,7 +156,11 @@ class AuditLog:
             try:
                 self.open()
                 assert self._fd is not None and self.path is not None
-                os.write(self._fd, data)
+                try:
+                    _append_whole(self._fd, data)
+                except OSError:
+                    self._buffer.insert(0, data)  # (disk full) written with the next flush
+                    raise
                 _write_head(self.path, self._key, seq, last)
             except OSError as exc:  # the audit log must never take the dispatcher down
                 log.error("could not write the audit log %s: %s", self.path, exc)
@@ -230,6 +236,23 @@ def _tail(path: Path) -> tuple[int, str]:
         except (ValueError, KeyError, TypeError):
             continue
     return 0, GENESIS
+
+
+def _append_whole(fd: int, data: bytes) -> None:
+    """Append all of `data` or nothing: a write cut short (disk full) is undone, so a torn
+    line never breaks the chain."""
+    start = os.lseek(fd, 0, os.SEEK_END)
+    done = 0
+    try:
+        while done < len(data):
+            written = os.write(fd, data[done:])
+            if not written:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            done += written
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, start)
+        raise
 
 
 def _write_head(path: Path, key: bytes, seq: int, digest: str) -> None:

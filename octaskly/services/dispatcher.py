@@ -30,6 +30,12 @@ from octaskly.store import base as store_base
 log = logging.getLogger(__name__)
 SCAN_LIMIT = 64
 KEY_CHECK_SECONDS = 2.0
+STORAGE_RETRY_SECONDS = 2.0
+"""How long scheduling pauses after the disk filled up before it tries again."""
+PRUNE_SECONDS = 60.0
+"""How often finished tasks past their retention are deleted (and once PRUNE_FIRST_SECONDS
+after becoming primary); more often when the retention itself is short."""
+PRUNE_FIRST_SECONDS = 5.0
 RUNNING = models.TaskStatus.RUNNING
 QUEUED = models.TaskStatus.QUEUED
 
@@ -59,6 +65,9 @@ class Options:
     """Where the audit log goes (`<data dir>/logs/audit.log`); None: audit logging off."""
     audit_retention_days: int | None = None
     """Prune audit entries older than this (checked at start and hourly); None: keep all."""
+    task_retention_hours: float = 0
+    """Delete finished tasks this many hours after they finished ([storage]
+    task_retention_hours; checked every PRUNE_SECONDS by the primary); 0: keep all."""
 
 
 @dataclasses.dataclass(slots=True)
@@ -139,6 +148,8 @@ class Dispatcher:
             self.spawn(self.peers.reap_forever(), "heartbeat-reaper"),
             self.spawn(self.peers.announce_forever(), "state-announcer"),
         ]
+        if self.options.task_retention_hours > 0:
+            self._primary_tasks.append(self.spawn(self._prune_tasks_forever(), "task-retention"))
         self.wake()
 
     async def stop_primary(self, redirect: messages.Redirect) -> None:
@@ -215,6 +226,30 @@ class Dispatcher:
             if pruned:
                 log.info("audit log: pruned %d entries older than %d days", pruned, days)
             await asyncio.sleep(3600)
+
+    async def prune_tasks(self) -> int:
+        """Delete the finished tasks older than the retention; return how many."""
+        hours = self.options.task_retention_hours
+        if hours <= 0:
+            return 0
+        pruned = await self.store.prune_tasks(self.clock() - hours * 3600)
+        if pruned:
+            self.metrics.pruned.inc(pruned)
+            log.info(
+                "retention: deleted %d tasks that finished more than %g hours ago", pruned, hours
+            )
+        return pruned
+
+    async def _prune_tasks_forever(self) -> None:
+        # a short retention (tests, benchmarks) is enforced more often than every minute
+        interval = min(PRUNE_SECONDS, max(0.2, self.options.task_retention_hours * 900))
+        await asyncio.sleep(min(PRUNE_FIRST_SECONDS, interval))
+        while True:
+            try:
+                await self.prune_tasks()
+            except errors.StorageError as exc:  # a full disk, say: try again next time
+                log.warning("retention: could not delete finished tasks: %s", exc)
+            await asyncio.sleep(interval)
 
     def spawn(self, coro: Any, name: str) -> asyncio.Task[None]:
         """Run a background task that must not end while the dispatcher runs."""
@@ -310,8 +345,8 @@ class Dispatcher:
             seqs = await self.store.insert_tasks(tasks)
         except store_base.DuplicateIdempotencyKey:
             found = await self._find_idempotent(owner, keys)
-            if found is None:
-                raise
+            if found is None:  # another request's key, e.g. "K#1" of a single submit
+                raise _idempotency_conflict(idempotency_key) from None
             return found, False
         self.queued_count += len(tasks)
         self.metrics.submitted.inc(len(tasks))
@@ -334,6 +369,8 @@ class Dispatcher:
             task = await self.store.find_by_idempotency_key(owner, key)
             if task is not None:
                 found.append(task)
+        if len(found) != len(keys):  # a batch is stored whole: this is not its replay
+            raise _idempotency_conflict(keys[0].rpartition("#")[0] or keys[0])
         return found
 
     # -- reading --------------------------------------------------------------------------
@@ -455,7 +492,13 @@ class Dispatcher:
             self._wake.clear()
             if self._stepping_down:
                 return
-            await self.schedule_once()
+            try:
+                await self.schedule_once()
+            except errors.StorageFullError as exc:
+                # the round's runs were taken back (_mark_running); reads and the API go on
+                log.error("scheduling paused for %gs: %s", STORAGE_RETRY_SECONDS, exc)
+                await asyncio.sleep(STORAGE_RETRY_SECONDS)
+                self.wake()
 
     async def schedule_once(self) -> int:
         """One scheduling round; returns the number of tasks assigned."""
@@ -522,6 +565,7 @@ class Dispatcher:
         now = self.clock()
         updates = []
         sends: list[tuple[str, models.Task, int]] = []
+        new_runs: list[Run] = []
         for a in assignments:
             task = tasks.get(a.task_id)
             ref = self.queue.remove(a.task_id)
@@ -535,6 +579,7 @@ class Dispatcher:
                 a.task_id, a.worker_id, attempt, ref, task.spec.retry_count, task.lost_count, now
             )
             self.runs[a.task_id] = run
+            new_runs.append(run)
             self.queued_count -= 1
             self.outputs[a.task_id] = live.LiveOutput(attempt, limit=self.options.output_limit)
             self.peers.add_run(run)
@@ -566,7 +611,7 @@ class Dispatcher:
         if source is not None and source.sync and source.synced:
             # Sync replication: the standby learns of each assignment before any worker
             # starts it, so after a failover no task runs twice.
-            await self.store.apply(updates)
+            await self._mark_running(updates, new_runs)
             await self.replicated()
             for worker_id, task, attempt in sends:
                 if self.runs.get(task.id) is not None and self.peers.is_connected(worker_id):
@@ -575,10 +620,25 @@ class Dispatcher:
             # The workers get their tasks at once; the running marks share one commit,
             for worker_id, task, attempt in sends:
                 self.peers.send_assign(worker_id, task, attempt)
-            await self.store.apply(updates)
+            await self._mark_running(updates, new_runs)
         # and watchers hear of the change only once a reader would see it.
         for update in updates:
             self.watchers.notify(update.task_id)
+
+    async def _mark_running(self, updates: list[store_base.TaskUpdate], runs: list[Run]) -> None:
+        """Commit the running marks of new runs. On a full disk the runs are taken back
+        (re-queued in memory, as the database still has them; their workers told to drop
+        them) before the error is raised."""
+        try:
+            await self.store.apply(updates)
+        except errors.StorageFullError:
+            for run in runs:
+                if self.runs.get(run.task_id) is run:
+                    self._end_run(run)
+                    self.peers.send_cancel(run.worker_id, run.task_id, run.attempt)
+                    self.queued_count += 1
+                    self.queue.requeue(run.ref)
+            raise
 
     # -- run outcomes (called by peering) ------------------------------------------------------
     def _end_run(self, run: Run) -> None:
@@ -604,9 +664,17 @@ class Dispatcher:
         if run is None or run.worker_id != worker_id or run.attempt != result.attempt:
             return await self._on_late_result(worker_id, result)
         self._end_run(run)
-        return await self._record_result(
-            run.ref, result, RUNNING, run.retry_count, run.lost_count, reporter=worker_id
-        )
+        try:
+            return await self._record_result(
+                run.ref, result, RUNNING, run.retry_count, run.lost_count, reporter=worker_id
+            )
+        except errors.StorageFullError:
+            # not saved: the run goes on (as the database says) until its result is
+            if run.task_id not in self.runs:
+                self.runs[run.task_id] = run
+                if self.peers.is_connected(run.worker_id):
+                    self.peers.add_run(run)
+            raise
 
     async def _on_late_result(self, worker_id: str, result: Any) -> bool:
         """A result for a run we had re-queued but not yet restarted is still good work."""
@@ -626,16 +694,21 @@ class Dispatcher:
             return False
         ref = self.queue.remove(task.id) or _candidate(task)
         self.queued_count -= 1
-        ok = await self._record_result(
-            ref,
-            result,
-            QUEUED,
-            task.spec.retry_count,
-            task.lost_count,
-            worker_id=worker_id,
-            reporter=worker_id,
-            expect_attempts=task.attempts,
-        )
+        try:
+            ok = await self._record_result(
+                ref,
+                result,
+                QUEUED,
+                task.spec.retry_count,
+                task.lost_count,
+                worker_id=worker_id,
+                reporter=worker_id,
+                expect_attempts=task.attempts,
+            )
+        except errors.StorageFullError:
+            self.queued_count += 1  # not saved: still queued (the result is tried again)
+            self.queue.requeue(ref)
+            raise
         if not ok:
             self.queued_count += 1
             self.queue.requeue(ref)
@@ -733,7 +806,7 @@ class Dispatcher:
         if not updates:
             return
         log.warning("%d running tasks lost (%s)", len(updates), reason)
-        applied = await self.store.apply(updates)
+        applied = await self._apply_retrying(updates, "re-queue lost tasks")
         by_id = {u.task_id: ok for u, ok in zip(updates, applied, strict=True)}
         for run in requeue:
             if by_id.get(run.task_id):
@@ -742,6 +815,27 @@ class Dispatcher:
         for update in updates:
             self.watchers.notify(update.task_id)
         self.wake()
+
+    async def _apply_retrying(
+        self, updates: list[store_base.TaskUpdate], what: str
+    ) -> Sequence[bool]:
+        """Apply updates that must not be dropped (their runs are already ended in
+        memory): on a full disk, try again every STORAGE_RETRY_SECONDS until space returns
+        or the dispatcher stops — else the tasks would stay `running` until a restart."""
+        warned = False
+        while True:
+            try:
+                return await self.store.apply(updates)
+            except errors.StorageFullError as exc:
+                if not warned:
+                    log.error(
+                        "cannot %s yet, retrying every %gs: %s", what, STORAGE_RETRY_SECONDS, exc
+                    )
+                    warned = True
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopped.wait(), STORAGE_RETRY_SECONDS)
+                if self.stopped.is_set():
+                    raise
 
     async def on_released(self, runs: Sequence[Run], reason: str) -> None:
         """Runs a draining worker handed back unfinished go back to the queue as they were
@@ -763,7 +857,7 @@ class Dispatcher:
         if not updates:
             return
         log.info("%d running tasks re-queued: %s", len(updates), reason)
-        applied = await self.store.apply(updates)
+        applied = await self._apply_retrying(updates, "re-queue handed-back tasks")
         for run, ok in zip(released, applied, strict=True):
             if ok:
                 self.queued_count += 1
@@ -877,6 +971,13 @@ def _idempotency_keys(key: str | None, count: int) -> list[str]:
     if key is None:
         return []
     return [key] if count == 1 else [f"{key}#{i}" for i in range(count)]
+
+
+def _idempotency_conflict(key: str | None) -> errors.ConflictError:
+    return errors.ConflictError(
+        f"Idempotency-Key {key!r} was already used by a different request (a batch of "
+        "another size, or a single task whose key is one of this batch's keys KEY#N)"
+    )
 
 
 def _candidate(task: models.Task) -> queueing.Ref:

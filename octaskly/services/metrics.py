@@ -49,6 +49,11 @@ class Metrics:
             ["status"],
             registry=r,
         )
+        self.pruned = Counter(
+            "octaskly_tasks_pruned_total",
+            "Finished tasks deleted after their retention (task_retention_hours)",
+            registry=r,
+        )
         self.assignments = Counter(
             "octaskly_scheduler_assignments_total", "Tasks assigned to workers", registry=r
         )

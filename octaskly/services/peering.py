@@ -9,6 +9,7 @@ back to the queue. A session silent for `connection_timeout` is closed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 STATE_INTERVAL = 1.0
+RESULT_RETRY_SECONDS = 2.0
+"""How often a result the dispatcher could not save (disk full) is tried again."""
 
 
 @dataclasses.dataclass(eq=False)
@@ -38,6 +41,8 @@ class Session:
     draining: bool = False
     """The worker is stopping: it gets no new tasks."""
     outbox: asyncio.Queue[dict[str, Any] | None] = dataclasses.field(default_factory=asyncio.Queue)
+    gone: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    """Set when the connection ended."""
 
     def send(self, message: messages._Message) -> None:
         self.outbox.put_nowait(messages.to_wire(message))
@@ -412,6 +417,7 @@ class Peers:
         except (ConnectionError, OSError) as exc:
             reason = f"connection lost: {exc or type(exc).__name__}"
         finally:
+            session.gone.set()
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
             session.outbox.put_nowait(None)
@@ -429,7 +435,27 @@ class Peers:
             await self._d.on_released(runs, f"worker {session.id} handed them back (drained)")
 
     async def _on_result(self, session: Session, result: messages.Result) -> None:
-        await self._d.on_result(session.id, result)
+        tries = 0
+        while True:
+            try:
+                await self._d.on_result(session.id, result)
+                break
+            except errors.StorageFullError as exc:
+                # Not saved, so not acknowledged: the worker keeps the result (and sends it
+                # again if it reconnects); try again while it is connected.
+                if not tries:
+                    log.warning(
+                        "result of task %s attempt %d not saved; retrying every %gs: %s",
+                        result.task_id,
+                        result.attempt,
+                        RESULT_RETRY_SECONDS,
+                        exc,
+                    )
+                tries += 1
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(session.gone.wait(), RESULT_RETRY_SECONDS)
+                if session.gone.is_set():
+                    return
         # acknowledged (the worker forgets it) only once durable, with sync replication
         # on the standby too: a failover right now loses no finished work
         await self._d.replicated()

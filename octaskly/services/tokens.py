@@ -160,7 +160,7 @@ class Tokens:
 
     async def revoke(self, jti: str) -> bool:
         """Revoke a token by id; False if it was revoked already."""
-        if not 1 <= len(jti) <= 64 or not jti.isalnum():
+        if not 1 <= len(jti) <= 64 or not (jti.isascii() and jti.isalnum()):  # not "é" or "٣"
             raise errors.ValidationError("token id: 1-64 letters and digits", field="jti")
         now = self._clock()
         known = await self._store.get_token(jti)

@@ -158,6 +158,8 @@ class Worker:
         self._standby_synced: bool | None = None
         self._witnesses: dict[str, asyncio.Task[None]] = {}
         self._nudge = asyncio.Event()
+        self._welcomed = False
+        """A session was established since the last reconnect delay was reset."""
         self.draining = False
         # Runs reuse the working directories earlier runs left empty (see executing.workdirs).
         self._workdirs = executing.Workdirs(options.workdir_root, keep=options.max_jobs)
@@ -192,6 +194,8 @@ class Worker:
                 except (ConnectionError, OSError, TimeoutError, errors.ProtocolError) as exc:
                     log.warning("dispatcher %s: %s", addr, exc or type(exc).__name__)
                     index += 1
+                    if self._welcomed:  # a session that worked ended: a new outage, not
+                        self._welcomed, delay = False, 0.2  # the next failure in a row
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._nudge.wait(), delay)  # or a newer primary
                 self._nudge.clear()
@@ -223,6 +227,7 @@ class Worker:
         )
         try:
             welcome = await self._handshake(conn)
+            self._welcomed = True
             self._conn, self.worker_id, self._current = conn, welcome.worker_id, addr
             self._last_heard = asyncio.get_running_loop().time()
             self._see_term(welcome.term, addr)

@@ -110,7 +110,14 @@ def restore(backup_file: Path, db_path: Path) -> tuple[Info, Path | None]:
     kept: Path | None = None
     if db_path.exists():
         kept = db_path.with_name(f"{db_path.name}.before-restore-{time.strftime('%Y%m%d%H%M%S')}")
-        copy(db_path, kept)  # consistent, WAL folded in
+        try:
+            copy(db_path, kept)  # consistent, WAL folded in
+        except (errors.StorageError, sqlite3.DatabaseError):
+            # a corrupt database (the usual reason to restore) cannot be copied: keep its
+            # files aside as they are
+            for suffix in ("", "-wal"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(f"{db_path}{suffix}", f"{kept}{suffix}")
     for suffix in SIDE_FILES:
         with contextlib.suppress(FileNotFoundError):
             Path(f"{db_path}{suffix}").unlink()

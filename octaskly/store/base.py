@@ -126,6 +126,12 @@ class Store(Protocol):
     async def barrier(self) -> None:
         """Return once every write queued before this call is committed (or failed)."""
 
+    async def prune_tasks(self, completed_before: float, *, batch: int = 1000) -> int:
+        """Delete, durably, every finished task (completed, failed, timed_out, cancelled)
+        whose `completed_at` is before `completed_before`, in transactions of at most
+        `batch` tasks; return how many were deleted. Queued and running tasks are never
+        deleted. A deleted task's idempotency key is forgotten with it."""
+
     async def get_task(self, task_id: str) -> models.Task | None: ...
 
     async def get_tasks(self, task_ids: Sequence[str]) -> list[models.Task]:

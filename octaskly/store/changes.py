@@ -8,7 +8,8 @@ transaction each (several per commit when they queue up), and stores the primary
 with them: its position then says precisely which of the primary's transactions it has.
 
 Row images rather than statements: applying one is idempotent and needs no knowledge of
-the compare-and-set logic that produced it.
+the compare-and-set logic that produced it. Deleted tasks (retention) travel as their ids;
+deleting one again, or one the standby never had, changes nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from octaskly import errors
+
+MAX_DELETED = 100_000
+"""Most deleted task ids one change may carry (the primary deletes at most 1000 a
+transaction)."""
+MAX_ID_LENGTH = 256
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -38,19 +44,29 @@ class Change:
     committed_at: float
     tasks: Sequence[Sequence[Any]] = ()
     tokens: Sequence[Sequence[Any]] = ()
+    deleted: Sequence[str] = ()
+    """Ids of the tasks this transaction deleted (retention)."""
 
     def size(self) -> int:
         """A rough byte count, for bounding the primary's buffer."""
-        return 64 + sum(_row_size(r) for r in self.tasks) + sum(_row_size(r) for r in self.tokens)
+        return (
+            64
+            + sum(_row_size(r) for r in self.tasks)
+            + sum(_row_size(r) for r in self.tokens)
+            + sum(len(i) + 8 for i in self.deleted)
+        )
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        wire = {
             "lsn": self.lsn,
             "term": self.term,
             "at": self.committed_at,
             "tasks": [list(r) for r in self.tasks],
             "tokens": [list(r) for r in self.tokens],
         }
+        if self.deleted:  # optional: a primary from before retention never sends it
+            wire["deleted"] = list(self.deleted)
+        return wire
 
     @classmethod
     def from_wire(cls, raw: Any, *, task_width: int, token_width: int) -> Change:
@@ -58,6 +74,7 @@ class Change:
         try:
             lsn, term, at = raw["lsn"], raw["term"], raw["at"]
             tasks, tokens = raw["tasks"], raw["tokens"]
+            deleted = raw.get("deleted", [])
             if not (
                 _is_int(lsn)
                 and lsn >= 1
@@ -68,15 +85,21 @@ class Change:
                 and isinstance(tokens, list)
             ):
                 raise TypeError("lsn, term, at, tasks, tokens")
+            if not (
+                isinstance(deleted, list)
+                and len(deleted) <= MAX_DELETED
+                and all(isinstance(i, str) and 0 < len(i) <= MAX_ID_LENGTH for i in deleted)
+            ):
+                raise TypeError(f"deleted: at most {MAX_DELETED} task ids")
             for rows, width in ((tasks, task_width), (tokens, token_width)):
                 for row in rows:
                     if not isinstance(row, list) or len(row) != width:
                         raise TypeError(f"a row of {width} columns")
                     if not all(v is None or isinstance(v, str | int | float) for v in row):
                         raise TypeError("row values: text, numbers or null")
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, AttributeError) as exc:
             raise errors.ProtocolError(f"invalid change: {exc}") from None
-        return cls(lsn, term, float(at), tasks, tokens)
+        return cls(lsn, term, float(at), tasks, tokens, deleted)
 
 
 def _is_int(value: Any) -> bool:

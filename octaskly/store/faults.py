@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shlex
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,11 @@ async def check_intact(db: aiosqlite.Connection, path: Path) -> None:
     # cross-checks of integrity_check: cheap enough for every start.
     problems = [str(r[0]) for r in await db.execute_fetchall("PRAGMA quick_check")]
     if problems != ["ok"]:
-        raise errors.StorageError(corrupt_message(path, "; ".join(problems[:3])))
+        # one row may hold hundreds of lines ("Page 35 is never used", …): name a few
+        lines = [x for p in problems for x in p.splitlines() if x.strip() and x[:3] != "***"]
+        lines = lines or problems
+        more = f"; {len(lines) - 3} more problems" if len(lines) > 3 else ""
+        raise errors.StorageError(corrupt_message(path, "; ".join(lines[:3]) + more))
     if await migrating.current_version(db) == 0 and await scalar(db, queries.USER_TABLES):
         raise errors.StorageError(
             f"{path} is an SQLite database but not an octaskly one (it has tables but no "
@@ -103,8 +108,9 @@ def corrupt_message(path: Path, detail: str) -> str:
     """What to do about a corrupt database file."""
     return (
         f"database {path} is corrupt ({detail}). Stop octaskly and restore the last good "
-        f"backup with `octaskly restore FILE` (backups come from `octaskly backup "
-        f"--output FILE`), or move {path} aside to start with an empty queue"
+        f"backup with `octaskly restore FILE --db-path {shlex.quote(str(path))}` (backups "
+        f"come from `octaskly backup --output FILE`), or move {path} aside to start with an "
+        "empty queue"
     )
 
 

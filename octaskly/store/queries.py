@@ -85,12 +85,28 @@ QUEUED_BY_PRIORITY = (
 
 HAS_TASKS = "SELECT 1 FROM tasks LIMIT 1"
 
+# Retention (migration 004): finished tasks that completed before a cutoff, oldest first,
+# at most a batch; the ids of those deleted come back (for replication). INDEXED BY: left to
+# itself the planner prefers tasks_status and sorts every finished task by completed_at.
+# The status list is the literal WHERE of the partial index tasks_finished (else SQLite may
+# not use it), so queued and running tasks are never touched.
+PRUNE_TASKS = (
+    "DELETE FROM tasks WHERE pk IN (SELECT pk FROM tasks INDEXED BY tasks_finished "
+    "WHERE status IN ('completed', 'failed', 'timed_out', 'cancelled') AND completed_at < ? "
+    "ORDER BY completed_at LIMIT ?) RETURNING id"
+)
+
 USER_TABLES = "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
 
 
 def get_tasks(count: int) -> str:
     """Tasks by id; `count` placeholders."""
     return f"{_SELECT_TASK} WHERE id IN ({', '.join('?' for _ in range(count))})"
+
+
+def delete_tasks(count: int) -> str:
+    """Delete tasks by id (a standby applying the primary's deletions); `count` placeholders."""
+    return f"DELETE FROM tasks WHERE id IN ({', '.join('?' for _ in range(count))})"
 
 
 def existing_keys(count: int) -> str:

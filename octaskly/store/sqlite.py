@@ -34,6 +34,7 @@ MAX_BATCH = 1000  # operations per transaction: bounds one commit's latency
 READERS = 2
 BUSY_TIMEOUT_MS = 5000
 _ID_CHUNK = 500  # ids per `IN (...)`; far below SQLite's variable limit
+PRUNE_BATCH = 1000  # finished tasks deleted per transaction: bounds the writer's pause
 
 
 class SQLiteStore:
@@ -166,6 +167,25 @@ class SQLiteStore:
         future = asyncio.get_running_loop().create_future()
         self._submit(_update_op(updates, future))
         return cast(list[bool], await future)
+
+    async def prune_tasks(self, completed_before: float, *, batch: int = PRUNE_BATCH) -> int:
+        """Delete finished tasks that completed before `completed_before` (oldest first, at
+        most `batch` a transaction, other writes going between); return how many.
+
+        Freed pages go to SQLite's free list and are reused by new rows: the file stops
+        growing once deletions keep up with inserts (it does not shrink).
+        """
+        if batch < 1:
+            raise ValueError("batch must be at least 1")
+        total = 0
+        while True:
+            self._ensure_writable()
+            future = asyncio.get_running_loop().create_future()
+            self._submit(writing.Op(future, prune=(completed_before, batch)))
+            deleted = len(cast(list[str], await future))
+            total += deleted
+            if deleted < batch:
+                return total
 
     async def _write_plain(
         self, statements: list[tuple[str, tuple[Any, ...]]], *, tokens: list[str]

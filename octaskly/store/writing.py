@@ -24,6 +24,11 @@ from octaskly import errors
 from octaskly.domain import models
 from octaskly.store import base, changes, faults, queries
 
+WAL_SIZE_LIMIT = 4 << 20
+"""Bytes the WAL file is cut back to when it starts over after a checkpoint: about what
+one auto-checkpoint interval (1000 pages) holds. A burst while a reader held an old
+snapshot can make it larger; without a limit it would stay at that high-water mark."""
+
 # Errors confined to one operation: its savepoint is rolled back and the batch goes on.
 # Anything else (a full disk, I/O errors) fails the whole transaction.
 OP_ERRORS = (
@@ -51,6 +56,8 @@ class Op:
     """The tokens `plain` may change (for replication)."""
     replica: changes.Change | None = None
     """A primary's change for a standby to apply as it is."""
+    prune: tuple[float, int] | None = None
+    """Delete up to [1] finished tasks that completed before [0]; the result is their ids."""
     result: Any = None
     error: BaseException | None = None
 
@@ -62,6 +69,8 @@ class Op:
     def kind(self) -> str:
         if self.replica is not None:
             return "replica"
+        if self.prune is not None:
+            return "prune"
         return "insert" if self.rows else "plain" if self.plain else "update"
 
 
@@ -95,6 +104,7 @@ class BatchWriter:
         db.execute(f"PRAGMA synchronous = {self._synchronous.upper()}")
         db.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
         db.execute("PRAGMA foreign_keys = ON")
+        db.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
         self.next_seq = int(db.execute(queries.MAX_SEQ).fetchone()[0]) + 1
         db_id, lsn, term = db.execute(queries.GET_POSITION).fetchone()
         self.position = changes.Position(str(db_id), int(term), int(lsn))
@@ -133,10 +143,12 @@ class BatchWriter:
                 elif kind == "replica":
                     for op in ops:
                         self._apply_change(db, op)
+                elif kind == "prune":
+                    self._run_group(db, ops, self._prune_all, self._prune_one)
                 else:
                     self._run_group(db, ops, self._update_all, self._update_one)
-            task_ids, token_ids = _touched(batch)
-            if task_ids or token_ids:
+            task_ids, token_ids, deleted = _touched(batch)
+            if task_ids or token_ids or deleted:
                 db.execute(queries.BUMP_LSN)
                 self.position = dataclasses.replace(position, lsn=position.lsn + 1)
             db.execute("COMMIT")
@@ -145,13 +157,13 @@ class BatchWriter:
                 db.execute("ROLLBACK")  # SQLite may have rolled back itself (SQLITE_FULL)
             self.next_seq, self.position = first_seq, position
             return faults.storage_error(exc, self.path)
-        if self.capture and (task_ids or token_ids):
-            self.last_change = self._read_change(db, task_ids, token_ids)
+        if self.capture and (task_ids or token_ids or deleted):
+            self.last_change = self._read_change(db, task_ids, token_ids, deleted)
         return None
 
     # -- replication ----------------------------------------------------------------------
     def _read_change(
-        self, db: sqlite3.Connection, task_ids: list[str], token_ids: list[str]
+        self, db: sqlite3.Connection, task_ids: list[str], token_ids: list[str], deleted: list[str]
     ) -> changes.Change:
         """The rows of the transaction just committed (the next has not begun)."""
         tasks: list[tuple[Any, ...]] = []
@@ -163,7 +175,7 @@ class BatchWriter:
             chunk = token_ids[start : start + 500]
             tokens += db.execute(_select(self._token_columns, "tokens", "jti", len(chunk)), chunk)
         p = self.position
-        return changes.Change(p.lsn, p.term, self.clock(), tasks, tokens)
+        return changes.Change(p.lsn, p.term, self.clock(), tasks, tokens, deleted)
 
     def _apply_change(self, db: sqlite3.Connection, op: Op) -> None:
         """A standby applies one of the primary's changes, taking over its lsn and term."""
@@ -178,6 +190,10 @@ class BatchWriter:
             self.next_seq = max(self.next_seq, max(int(r[seq]) for r in change.tasks) + 1)
         if change.tokens:
             db.executemany(_upsert(self._token_columns, "tokens"), change.tokens)
+        # after the upserts: a task updated and deleted in one transaction has no row image
+        for start in range(0, len(change.deleted), 500):
+            chunk = list(change.deleted[start : start + 500])
+            db.execute(queries.delete_tasks(len(chunk)), chunk)
         db.execute(queries.SET_POSITION, (change.lsn, change.term))
         self.position = dataclasses.replace(self.position, lsn=change.lsn, term=change.term)
         op.result = True
@@ -263,6 +279,13 @@ class BatchWriter:
     def _plain_one(self, db: sqlite3.Connection, op: Op) -> None:
         op.result = [db.execute(sql, params).rowcount for sql, params in op.plain]
 
+    def _prune_all(self, db: sqlite3.Connection, ops: list[Op]) -> None:
+        for op in ops:
+            self._prune_one(db, op)
+
+    def _prune_one(self, db: sqlite3.Connection, op: Op) -> None:
+        op.result = [str(row[0]) for row in db.execute(queries.PRUNE_TASKS, op.prune or ())]
+
     def _update_all(self, db: sqlite3.Connection, ops: list[Op]) -> None:
         """Every update of `ops` in order; a run of consecutive updates of one shape on
         distinct tasks goes as one statement (one trip into SQLite, not one per task)."""
@@ -312,14 +335,18 @@ class BatchWriter:
         return done
 
 
-def _touched(batch: list[Op]) -> tuple[list[str], list[str]]:
-    """The task ids and token ids the successful operations of `batch` changed."""
+def _touched(batch: list[Op]) -> tuple[list[str], list[str], list[str]]:
+    """The task ids and token ids the successful operations of `batch` changed, and the
+    ids of the tasks they deleted."""
     tasks: dict[str, None] = {}
     tokens: dict[str, None] = {}
+    deleted: dict[str, None] = {}
     for op in batch:
         if op.error is not None or op.replica is not None:
             continue
-        if op.rows:
+        if op.prune is not None:
+            deleted.update(dict.fromkeys(op.result or ()))
+        elif op.rows:
             tasks.update(dict.fromkeys(t.id for t in op.tasks))
         elif op.plain:
             if any(op.result or ()):
@@ -328,7 +355,7 @@ def _touched(batch: list[Op]) -> tuple[list[str], list[str]]:
             for statement, done in zip(op.statements, op.result or (), strict=False):
                 if done:
                     tasks[str(statement.task_id)] = None
-    return list(tasks), list(tokens)
+    return [t for t in tasks if t not in deleted], list(tokens), list(deleted)
 
 
 def _columns(db: sqlite3.Connection, table: str) -> tuple[str, ...]:

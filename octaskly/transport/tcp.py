@@ -12,6 +12,10 @@ from octaskly.protocol import framing
 from octaskly.transport import base, tls
 
 log = logging.getLogger(__name__)
+SHUTDOWN_TIMEOUT = 1.0
+"""How long closing waits for the peer's TLS close_notify before it drops the connection
+(asyncio's default, 30 s, kept the session of a frozen or cut-off peer - and the runs it
+held - alive that long after its heartbeats had stopped)."""
 
 
 def _format_peer(info: Any) -> str:
@@ -101,7 +105,13 @@ async def serve(
             await conn.wait_closed()
 
     server = await asyncio.start_server(
-        on_connect, host, port, reuse_address=True, ssl=context, ssl_handshake_timeout=10
+        on_connect,
+        host,
+        port,
+        reuse_address=True,
+        ssl=context,
+        ssl_handshake_timeout=10,
+        ssl_shutdown_timeout=SHUTDOWN_TIMEOUT,
     )
     return TCPServer(server)
 
@@ -116,6 +126,7 @@ async def connect(host: str, port: int, *, timeout: float) -> TCPConnection:
             ssl=tls.client_context(),
             server_hostname=tls.SERVER_NAME,
             ssl_handshake_timeout=timeout,
+            ssl_shutdown_timeout=SHUTDOWN_TIMEOUT,
         ),
         timeout,
     )

@@ -246,11 +246,30 @@ def _change(lsn: int, tasks: list[list[Any]] | None = None) -> dict[str, Any]:
             "stream",
         ),
         ([{"type": "changes", "changes": [{"lsn": "one"}], "lsn": 1, "synced": True}], "stream"),
+        (
+            [
+                {
+                    "type": "changes",
+                    "changes": [{**_change(1), "deleted": [{"id": 1}]}],
+                    "lsn": 1,
+                    "synced": True,
+                }
+            ],
+            "stream",
+        ),
         ([{"type": "snapshot", "data": "%%% not base64 %%%", "done": True}], "snapshot"),
         ([{"type": "snapshot", "data": "bm90IGEgZGF0YWJhc2U=", "done": True}], "snapshot"),
         ([{"type": "assign", "task": {}}], "stream"),
     ],
-    ids=["gap", "row-width", "bad-change", "bad-base64", "not-a-database", "worker-frame"],
+    ids=[
+        "gap",
+        "row-width",
+        "bad-change",
+        "bad-deleted",
+        "bad-base64",
+        "not-a-database",
+        "worker-frame",
+    ],
 )
 async def test_a_hostile_primary_cannot_corrupt_the_standby(
     tmp_path: Path, frames: list[dict[str, Any]], mode: str

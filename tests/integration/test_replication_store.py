@@ -110,6 +110,74 @@ async def test_a_snapshot_carries_its_position(tmp_path: Path) -> None:
     assert (tmp_path / "snap.db").stat().st_mode & 0o777 == 0o600
 
 
+async def test_pruned_tasks_are_deleted_on_the_standby_too(tmp_path: Path) -> None:
+    """A deletion is a replicated transaction: the standby ends with the same rows (it
+    does not keep pruned tasks forever, and a failover does not bring them back)."""
+    captured: list[changes.Change] = []
+    done = models.TaskStatus.COMPLETED
+    async with opened(tmp_path / "p.db") as primary, opened(tmp_path / "s.db") as standby:
+        await primary.capture_changes(captured.append)
+        old = [testing.new_task(status=done, completed_at=10.0 + i) for i in range(30)]
+        recent = [testing.new_task(status=done, completed_at=500.0) for _ in range(5)]
+        queued = [testing.new_task() for _ in range(5)]
+        await primary.insert_tasks([*old, *recent, *queued])
+        assert await primary.prune_tasks(100.0, batch=20) == 30  # two transactions
+        prunes = [c for c in captured if c.deleted]
+        assert [len(c.deleted) for c in prunes] == [20, 10]
+        assert all(not c.tasks and not c.tokens for c in prunes)
+        assert {i for c in prunes for i in c.deleted} == {t.id for t in old}
+        await standby.set_history(await primary.history())
+        for change in captured:
+            task_width, token_width = standby.change_widths
+            parsed = changes.Change.from_wire(
+                change.to_wire(), task_width=task_width, token_width=token_width
+            )
+            assert await standby.apply_change(parsed)
+        # idempotent: the same deletions again (a new lsn, as after a re-sent frame that
+        # a standby already had by a snapshot) change nothing and do not fail
+        again = changes.Change(primary.position.lsn + 1, 1, 0.0, deleted=prunes[0].deleted)
+        assert await standby.apply_change(again)
+        assert standby.position.lsn == primary.position.lsn + 1
+        ids = [t.id for t in [*old, *recent, *queued]]
+        on_standby = {t.id for t in await standby.get_tasks(ids)}
+        assert on_standby == {t.id for t in [*recent, *queued]}
+    p = rows(tmp_path / "p.db", "SELECT * FROM tasks ORDER BY 1")
+    s = rows(tmp_path / "s.db", "SELECT * FROM tasks ORDER BY 1")
+    assert s == p
+    print(f"primary pruned 30 in {len(prunes)} changes; standby rows {len(s)} == primary {len(p)}")
+
+
+def test_a_change_without_deletions_keeps_its_old_wire_form() -> None:
+    """A primary that deletes nothing sends what older standbys parse; the key is optional."""
+    wire = changes.Change(1, 1, 0.0, tasks=[], tokens=[]).to_wire()
+    assert "deleted" not in wire
+    parsed = changes.Change.from_wire(wire, task_width=27, token_width=6)
+    assert list(parsed.deleted) == []
+    wire = changes.Change(2, 1, 0.0, deleted=["a", "b"]).to_wire()
+    assert changes.Change.from_wire(wire, task_width=27, token_width=6).deleted == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    "deleted",
+    [
+        None,
+        "task-id",
+        {"a": 1},
+        [1],
+        [None],
+        [["a"]],
+        [""],
+        ["x" * (changes.MAX_ID_LENGTH + 1)],
+        ["a"] * (changes.MAX_DELETED + 1),
+        [True],
+    ],
+)
+def test_malformed_deleted_ids_are_a_protocol_error(deleted: Any) -> None:
+    raw = {"lsn": 1, "term": 1, "at": 0, "tasks": [], "tokens": [], "deleted": deleted}
+    with pytest.raises(errors.ProtocolError):
+        changes.Change.from_wire(raw, task_width=27, token_width=6)
+
+
 @pytest.mark.parametrize(
     ("term", "lsn", "expected"),
     [

@@ -26,7 +26,7 @@ import pytest
 
 from octaskly import errors, testing
 from octaskly.domain import models
-from octaskly.store import base, migrating, queries, sqlite
+from octaskly.store import base, migrating, queries, sqlite, writing
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -341,6 +341,8 @@ async def test_foreign_sqlite_database_is_refused(tmp_path: Path) -> None:
         (queries.list_tasks(" WHERE owner = ?"), ("o", 10, 0), "tasks_owner"),
         (queries.COUNT_BY_STATUS, (), "tasks_status"),
         (queries.GET_TASK, ("x",), "sqlite_autoindex_tasks_1"),
+        (queries.PRUNE_TASKS, (1.0, 1000), "tasks_finished"),
+        (queries.delete_tasks(2), ("x", "y"), "sqlite_autoindex_tasks_1"),
     ],
 )
 async def test_queries_use_an_index_and_never_sort(
@@ -353,6 +355,78 @@ async def test_queries_use_an_index_and_never_sort(
     plan = " | ".join(row[3] for row in query(db, f"EXPLAIN QUERY PLAN {sql}", params))
     assert f"INDEX {index}" in plan
     assert "TEMP B-TREE" not in plan
+
+
+# -- retention ----------------------------------------------------------------------------
+def _finished(count: int, completed_at: float, output: int) -> list[models.Task]:
+    return [
+        testing.new_task(
+            status=models.TaskStatus.COMPLETED, completed_at=completed_at, stdout="o" * output
+        )
+        for _ in range(count)
+    ]
+
+
+async def test_pruned_pages_are_reused_so_the_file_stops_growing(tmp_path: Path) -> None:
+    """Insert-finish-prune rounds at a steady rate: after the first rounds the database
+    file keeps its size (freed pages hold the new rows) instead of growing every round."""
+    db = tmp_path / "octaskly.db"
+    sizes: list[int] = []
+    async with opened(db) as store:
+        for round_ in range(8):
+            await store.insert_tasks(_finished(400, float(round_), 4000))
+            # keep the last two rounds, delete what finished before them
+            await store.prune_tasks(round_ - 1.5)
+            sizes.append(await store.size_bytes())  # with the -wal file
+        kept = (await store.list_tasks()).total
+    free = query(db, "PRAGMA freelist_count")[0][0]
+    print(f"file size per round (MiB): {[round(s / 2**20, 2) for s in sizes]}; free pages {free}")
+    # flat once the first freed pages were reused: 4 more rounds (6.4 MB of output) later it
+    # has grown by less than a tenth of one round, where without pruning it grows by all
+    one_round = 400 * 4000
+    assert sizes[-1] - sizes[3] < one_round / 10, sizes
+    assert kept == 800
+
+
+async def test_other_writes_go_between_the_batches_of_a_large_prune(tmp_path: Path) -> None:
+    """The writer is shared: a big prune must not hold it for its whole length."""
+    async with opened(tmp_path / "octaskly.db") as store:
+        for _ in range(6):
+            await store.insert_tasks(_finished(1000, 1.0, 2000))
+        prune = asyncio.create_task(store.prune_tasks(2.0))
+        await asyncio.sleep(0)  # the first batch is queued
+        started = time.perf_counter()
+        await store.insert_tasks([testing.new_task()])
+        insert_ms = (time.perf_counter() - started) * 1000
+        inserted_during_prune = not prune.done()
+        pruned = await prune
+        total_ms = (time.perf_counter() - started) * 1000
+        print(f"pruned {pruned} in {total_ms:.0f} ms; an insert meanwhile took {insert_ms:.0f} ms")
+        assert pruned == 6000
+        assert inserted_during_prune and insert_ms < total_ms / 2
+
+
+async def test_the_wal_shrinks_back_after_a_burst_a_reader_held_open(tmp_path: Path) -> None:
+    """A reader holding an old snapshot stops checkpoints from restarting the WAL, which
+    then grows past its usual size; once the reader is gone and the WAL starts over, it is
+    cut back (journal_size_limit) instead of keeping its high-water mark for ever."""
+    db = tmp_path / "octaskly.db"
+    wal = Path(f"{db}-wal")
+    async with opened(db) as store:
+        await store.insert_tasks([testing.new_task()])
+        with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as reader:
+            reader.execute("BEGIN")
+            reader.execute("SELECT count(*) FROM tasks").fetchall()  # holds its snapshot
+            for _ in range(12):
+                await store.insert_tasks([testing.new_task("x" * 60_000) for _ in range(10)])
+            burst = wal.stat().st_size
+            reader.execute("COMMIT")
+        for _ in range(60):  # past an auto-checkpoint: the WAL starts over
+            await store.insert_tasks([testing.new_task("y" * 4000) for _ in range(10)])
+        after = wal.stat().st_size
+    print(f"WAL {burst / 2**20:.1f} MiB during the burst, {after / 2**20:.1f} MiB after")
+    assert burst > writing.WAL_SIZE_LIMIT * 1.5
+    assert after <= writing.WAL_SIZE_LIMIT
 
 
 # -- faults -------------------------------------------------------------------------------

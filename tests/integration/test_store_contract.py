@@ -439,3 +439,58 @@ async def test_tokens_are_recorded_revoked_once_and_expire_from_the_revocation_l
     record = await store.get_token("j1")
     assert record is not None and record.revoked_at == 300.0 and record.subject == "alice"
     assert await store.get_token("unknown") is None
+
+
+# -- retention --------------------------------------------------------------------------------
+async def test_prune_deletes_only_finished_tasks_that_completed_before_the_cutoff(
+    store: base.Store,
+) -> None:
+    """Old finished tasks of every terminal status go; queued and running ones never do (even
+    with an old completed_at, e.g. a retry), nor those that finished at or after the cutoff."""
+    cutoff = 1_000.0
+    old = [
+        testing.new_task(status=status, completed_at=cutoff - 1 - i)
+        for i, status in enumerate(models.TERMINAL_STATUSES)
+    ]
+    kept = [
+        testing.new_task(status=COMPLETED, completed_at=cutoff),  # not before: kept
+        testing.new_task(status=FAILED, completed_at=cutoff + 5),
+        testing.new_task(status=QUEUED, completed_at=1.0),  # a retry after a failed run
+        testing.new_task(status=RUNNING, completed_at=1.0),
+        testing.new_task(status=QUEUED),
+        testing.new_task(status=COMPLETED, completed_at=None),  # never from the dispatcher
+    ]
+    await store.insert_tasks([*old, *kept])
+    assert await store.prune_tasks(cutoff) == len(old)
+    assert await store.get_tasks([t.id for t in old]) == []
+    assert sorted(t.id for t in await store.get_tasks([t.id for t in kept])) == sorted(
+        t.id for t in kept
+    )
+    assert (await store.list_tasks()).total == len(kept)
+    assert await store.prune_tasks(cutoff) == 0  # nothing left to delete
+    print(f"pruned {len(old)} old finished / kept {len(kept)} (queued, running, recent)")
+
+
+async def test_prune_goes_in_bounded_batches_oldest_first(store: base.Store) -> None:
+    tasks = [testing.new_task(status=COMPLETED, completed_at=100.0 + i) for i in range(25)]
+    await store.insert_tasks(tasks)
+    commits = store.commit_count  # type: ignore[attr-defined]
+    assert await store.prune_tasks(110.0, batch=4) == 10
+    batches = store.commit_count - commits  # type: ignore[attr-defined]
+    assert batches == 3  # 4 + 4 + 2: no transaction deletes more than `batch`
+    left = {t.id for t in await store.get_tasks([t.id for t in tasks])}
+    assert left == {t.id for t in tasks[10:]}  # the oldest went
+    with pytest.raises(ValueError):
+        await store.prune_tasks(110.0, batch=0)
+    print(f"pruned 10 in {batches} transactions of at most 4; kept 15")
+
+
+async def test_a_pruned_tasks_idempotency_key_is_forgotten(store: base.Store) -> None:
+    done = testing.new_task(status=COMPLETED, completed_at=5.0, owner="bob", idempotency_key="k")
+    await store.insert_tasks([done])
+    assert await store.prune_tasks(10.0) == 1
+    assert await store.find_by_idempotency_key("bob", "k") is None
+    again = testing.new_task(owner="bob", idempotency_key="k")
+    await store.insert_tasks([again])  # the key may be used again
+    found = await store.find_by_idempotency_key("bob", "k")
+    assert found is not None and found.id == again.id

@@ -85,6 +85,7 @@ def test_defaults_without_any_source(sandbox: Env) -> None:
     assert (s.network.port, s.network.api_port, s.network.bind_address) == (5555, 3000, "0.0.0.0")
     assert s.worker.sandbox_level is models.SandboxLevel.BASIC
     assert s.storage.sqlite_synchronous == "full"
+    assert s.storage.task_retention_hours == 720  # 30 days; 0 keeps tasks for ever
     assert s.performance.worker_threads >= 1
 
 
@@ -110,6 +111,7 @@ PRECEDENCE = [
      Path("/f/a.db"), Path("/e/a.db"), Path("/g/a.db")),
     ("whitelist", '["w1"]', "w2, w3", ["w4"], ("w1",), ("w2", "w3"), ("w4",)),
     ("log_level", '"error"', "WARN", "debug", "error", "warning", "debug"),
+    ("task_retention_hours", "0", "0.5", "48", 0.0, 0.5, 48.0),
 ]  # fmt: skip
 
 
@@ -245,6 +247,12 @@ FILE_ERRORS = [
     ("[storage]\ndb_backup_frequency = 'sometimes'\n", ["db_backup_frequency", "hourly"]),
     ("[storage]\ndb_backup_frequency = '0h'\n", ["db_backup_frequency"]),
     ("[storage]\nlog_retention_days = 0\n", ["log_retention_days", "between 1 and 3650"]),
+    ("[storage]\ntask_retention_hours = -1\n", ["task_retention_hours", "between 0 and 87600"]),
+    ("[storage]\ntask_retention_hours = 87601\n", ["task_retention_hours", "between 0 and 87600"]),
+    ("[storage]\ntask_retention_hours = nan\n", ["task_retention_hours", "finite"]),
+    ("[storage]\ntask_retention_hours = inf\n", ["task_retention_hours", "finite"]),
+    ("[storage]\ntask_retention_hours = '720'\n", ["task_retention_hours", "expected a number"]),
+    ("[storage]\ntask_retention_hours = true\n", ["task_retention_hours", "expected a number"]),
     ("[storage]\nsqlite_synchronous = 'off'\n", ["sqlite_synchronous", "'full' or 'normal'"]),
     ("[performance]\nworker_threads = 0\n", ["worker_threads", "between 1 and 1024"]),
     ("[performance]\ntask_queue_size = -1\n", ["task_queue_size", "between 1 and 100000000"]),
@@ -304,6 +312,14 @@ ENV_ERRORS = [
     ({"OCTASKLY_ROLE": "boss"}, "OCTASKLY_ROLE=boss: must be 'primary' or 'standby'"),
     ({"OCTASKLY_LOG_LEVEL": "loud"}, "OCTASKLY_LOG_LEVEL=loud: must be"),
     ({"OCTASKLY_DB_URL": "sqlite:///x"}, "OCTASKLY_DB_URL=sqlite:///x: must start with postgresql"),
+    ({"OCTASKLY_TASK_RETENTION_HOURS": "abc"},
+     "OCTASKLY_TASK_RETENTION_HOURS=abc: expected a number"),
+    ({"OCTASKLY_TASK_RETENTION_HOURS": "-1"},
+     "OCTASKLY_TASK_RETENTION_HOURS=-1: must be between 0 and 87600"),
+    ({"OCTASKLY_TASK_RETENTION_HOURS": "nan"},
+     "OCTASKLY_TASK_RETENTION_HOURS=nan: expected a finite number"),
+    ({"OCTASKLY_TASK_RETENTION_HOURS": "1e9"},
+     "OCTASKLY_TASK_RETENTION_HOURS=1e9: must be between 0 and 87600"),
 ]  # fmt: skip
 
 
@@ -323,6 +339,11 @@ FLAG_ERRORS = [
     ({"require_auth": "maybe"}, "--require-auth=maybe: expected true or false"),
     ({"bind_address": "not an address"}, "--bind=not an address: "),
     ({"sandbox_level": "max"}, "--sandbox-level=max: must be"),
+    ({"task_retention_hours": "abc"}, "--task-retention-hours=abc: expected a number"),
+    ({"task_retention_hours": "-0.5"}, "--task-retention-hours=-0.5: must be between 0 and 87600"),
+    ({"task_retention_hours": "NaN"}, "--task-retention-hours=NaN: expected a finite number"),
+    ({"task_retention_hours": "99999"},
+     "--task-retention-hours=99999: must be between 0 and 87600"),
 ]  # fmt: skip
 
 
