@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import random
 import socket
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 from octaskly import errors
@@ -278,14 +280,24 @@ def _expected(task: models.Task, update: base.TaskUpdate) -> bool:
 
 
 def free_port() -> int:
-    """A loopback port free for both TCP and UDP (the P2P port is shared with QUIC)."""
+    """A loopback port free for both TCP and UDP (the P2P port is shared with QUIC), chosen
+    below the kernel's ephemeral range: a port from that range can be taken, between this
+    check and the server's bind, as the local port of any outgoing connection (a test
+    holding 10,000 connections takes thousands)."""
+    low = _ephemeral_low()
     while True:
-        with socket.socket() as tcp_sock:
-            tcp_sock.bind(("127.0.0.1", 0))
-            port = int(tcp_sock.getsockname()[1])
+        port = random.randrange(max(1024, low - 20_000), low)
         try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            with socket.socket() as tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                tcp.bind(("127.0.0.1", port))
                 udp.bind(("127.0.0.1", port))
         except OSError:
             continue
         return port
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768

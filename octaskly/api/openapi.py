@@ -51,7 +51,13 @@ _ERRORS = {
 }
 _UNAUTHORIZED = {"401": _ERRORS["401"]}
 # requests that carry a body or write to the database
-_TOO_LARGE = {"413": _resp("the request body is over 64 MiB", _ref("Error"))}
+_TOO_LARGE = {
+    "408": _resp(
+        "the request body arrived too slowly (under 500 bytes/s after connection_timeout)",
+        _ref("Error"),
+    ),
+    "413": _resp("the request body is over 64 MiB", _ref("Error")),
+}
 _DISK_FULL = {"507": _resp("the database disk is full; see Retry-After", _ref("Error"))}
 _CONFLICT_KEY = {
     "409": _resp(

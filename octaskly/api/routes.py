@@ -88,12 +88,44 @@ def _json(data: Any, status: int = 200, headers: Mapping[str, str] | None = None
 
 
 # -- input ----------------------------------------------------------------------------------
+MIN_BODY_RATE = 500
+"""Bytes a second a request body must keep up after its first `connection_timeout`
+seconds (Apache mod_reqtimeout's rule, body=<timeout>,MinRate=500): a body trickled a byte
+a second (slowloris's POST variant) is cut, a large upload on a slow link is not."""
+
+
+async def _read_body(request: web.Request, grace: float) -> bytes:
+    loop = asyncio.get_running_loop()
+    started, received = loop.time(), 0
+    chunks: list[bytes] = []
+    while True:
+        remaining = started + grace + received / MIN_BODY_RATE - loop.time()
+        try:
+            if remaining <= 0:
+                raise TimeoutError
+            chunk = await asyncio.wait_for(request.content.readany(), remaining)
+        except TimeoutError:
+            raise HTTPProblem(
+                408,
+                f"the request body arrived too slowly ({received} bytes in "
+                f"{loop.time() - started:.0f} s; at least {MIN_BODY_RATE} bytes/s after the "
+                f"first {grace:g} s)",
+                headers={"Connection": "close"},
+            ) from None
+        if not chunk:
+            return b"".join(chunks)
+        received += len(chunk)
+        if received > MAX_BODY_BYTES:
+            raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY_BYTES, actual_size=received)
+        chunks.append(chunk)
+
+
 async def _body(request: web.Request) -> Any:
     declared = request.content_length
     if declared is not None and declared > MAX_BODY_BYTES:
         # refused from the header: aiohttp would read (and hold) 64 MiB before its 413
         raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY_BYTES, actual_size=declared)
-    raw = await request.read()
+    raw = await _read_body(request, _dispatcher(request).options.connection_timeout)
     if not raw:
         raise HTTPProblem(400, "request body is empty; send a JSON object")
     try:

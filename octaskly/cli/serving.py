@@ -252,6 +252,9 @@ async def _serve(
             access_log=None,
             handle_signals=False,
             keepalive_timeout=settings.performance.connection_timeout,
+            # after answering a request whose body was not read (413, 408), read and drop
+            # the rest for at most this long so the client sees the answer, then close
+            lingering_time=LINGERING_SECONDS,
         )
         await runner.setup()
         site = web.TCPSite(
@@ -294,6 +297,9 @@ def lock_data_dir(data_dir: Path) -> int:
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd
+
+
+LINGERING_SECONDS = 2.0
 
 
 def data_dir_error(data_dir: Path, exc: OSError) -> errors.StorageError:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
+import json
 from pathlib import Path
 from typing import Any
 
@@ -233,3 +236,50 @@ async def test_every_route_is_in_the_openapi_document(cluster: Cluster) -> None:
         if method != "parameters"
     }
     assert served == documented
+
+
+async def _post_trickled(port: int, body: bytes, chunk: int, every: float) -> bytes:
+    """POST /api/v1/tasks over a raw socket, the body sent `chunk` bytes every `every` s;
+    the whole answer (the server closes or answers)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    received: list[bytes] = []
+
+    async def read_answer() -> None:  # until the JSON answer is complete, or EOF
+        with contextlib.suppress(ConnectionError):
+            while chunk := await reader.read(65536):
+                received.append(chunk)
+                if b"".join(received).endswith(b"}"):
+                    return
+
+    answer = asyncio.create_task(read_answer())
+    writer.write(
+        b"POST /api/v1/tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+    )
+    with contextlib.suppress(ConnectionError):  # cut off mid-body: the answer came first
+        for i in range(0, len(body), chunk):
+            if answer.done():
+                break
+            writer.write(body[i : i + chunk])
+            await writer.drain()
+            await asyncio.sleep(every)
+    await answer
+    writer.close()
+    return b"".join(received)
+
+
+async def test_a_trickled_body_is_cut_with_408_and_a_slow_but_steady_one_is_not(
+    tmp_path: Path,
+) -> None:
+    """After connection_timeout (1 s here) a body must keep up 500 bytes/s."""
+    async with running_cluster(tmp_path, connection_timeout=1.0) as c:
+        port = int(c.base_url.rsplit(":", 1)[1])
+        steady = json.dumps({"command": "echo " + "s" * 3000}).encode()  # 2 kB/s for 1.5 s
+        answer = await _post_trickled(port, steady, 200, 0.1)
+        assert answer.startswith(b"HTTP/1.1 201"), answer[:200]
+        trickle = json.dumps({"command": "echo " + "t" * 100}).encode()  # 1 byte/0.25 s
+        answer = await _post_trickled(port, trickle, 1, 0.25)
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert b"arrived too slowly" in answer
+        status, page = await c.api("GET", "/api/v1/tasks")
+        assert (status, page["total"]) == (200, 1)  # only the steady one was stored

@@ -477,13 +477,6 @@ def test_slowloris_is_cut_and_the_dispatcher_stays_responsive(tmp_path: Path) ->
         assert status == 201
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="a request body sent one byte a second keeps its connection and handler for as "
-    "long as it trickles: neither aiohttp nor octaskly bounds the time to receive a body "
-    "(slowloris's POST variant); which minimum rate to demand is a design decision",
-)
 def test_a_body_sent_one_byte_a_second_is_cut(tmp_path: Path) -> None:
     timeout, n = 4.0, 50
     with dispatcher(tmp_path, connection_timeout=timeout) as d:
