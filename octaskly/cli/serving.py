@@ -37,6 +37,9 @@ from octaskly.transport import discovery, p2p, tls
 
 log = logging.getLogger("octaskly")
 API_BACKLOG = 1024
+LINGERING_SECONDS = 2.0
+"""After answering a request whose body was not read (413, 408): how long to read and drop
+the rest, so that the client sees the answer, before closing."""
 SECRET_FILE = "secret.key"
 LOCK_FILE = "dispatcher.lock"
 TLS_DIR = "tls"
@@ -297,9 +300,6 @@ def lock_data_dir(data_dir: Path) -> int:
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd
-
-
-LINGERING_SECONDS = 2.0
 
 
 def data_dir_error(data_dir: Path, exc: OSError) -> errors.StorageError:

@@ -228,7 +228,11 @@ def test_disk_full_refuses_writes_keeps_reads_and_results_then_recovers(tmp_path
             timeout=20,
             what="the slow tasks to finish on the worker",
         )
-        time.sleep(2.0)  # their results reach the dispatcher, which cannot write them
+        wait_for(  # their results reach the dispatcher, which cannot write them yet
+            lambda: dispatcher_log.read_text().count("not saved; retrying") >= 2,
+            timeout=20,
+            what="the 2 results held for a retry",
+        )
         assert _up(dispatcher, dispatcher_log)
         during_status = {t: b["status"] for t, b in _tasks(api, in_flight).items()}
         assert filler.exists() and _get_status(api, "/api/v1/stats") == 200
