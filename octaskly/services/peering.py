@@ -199,6 +199,7 @@ class Peers:
             if key is None:
                 refusal = "authentication failed: the dispatcher does not have this cluster's key"
         if refusal is None:
+            conn.trust()
             return key
         log.warning("refused standby %r from %s: %s", hello.name, conn.peer, refusal)
         self._d.audit.record(
@@ -258,6 +259,7 @@ class Peers:
         if key is None:
             await conn.send(messages.to_wire(messages.Reject(reason="authentication failed")))
             return
+        conn.trust()
         await conn.send(messages.to_wire(self._welcome(conn, hello, nonce, key)))
         if hello.term > ha.term:
             ha.observe_term(hello.term, hello.primary)
@@ -319,6 +321,7 @@ class Peers:
             )
             await conn.send(messages.to_wire(messages.Reject(reason=refusal)))
             return None
+        conn.trust()
         now = time.monotonic()
         session = Session(hello.name, hello, conn, time.time(), now)
         abort = await self._reconcile(session)
@@ -363,6 +366,7 @@ class Peers:
             await asyncio.shield(leaving)
         old = self.sessions.pop(session.id, None)
         held = {r.task_id: r.attempt for r in (*session.hello.running, *session.hello.finished)}
+        finished = {r.task_id for r in session.hello.finished}
         previous: dict[str, Run] = dict(old.runs) if old is not None else {}
         if old is not None:
             old.runs.clear()
@@ -375,7 +379,7 @@ class Peers:
                 previous.pop(task_id, None)
             elif run is None and (taken := await self._d.reattach(session.id, task_id, attempt)):
                 session.runs[task_id] = taken
-            elif task_id not in {r.task_id for r in session.hello.finished}:
+            elif task_id not in finished:
                 abort.append(messages.RunRef(task_id=task_id, attempt=attempt))
         if previous:
             await self._d.on_lost(list(previous.values()), f"worker {session.id} reconnected")

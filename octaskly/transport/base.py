@@ -34,6 +34,10 @@ class Connection(Protocol):
         Raises ProtocolError on a malformed frame, ConnectionError on a broken link.
         """
 
+    def trust(self) -> None:
+        """The peer has proven it holds the cluster key: lift the limits on what it may send
+        during the handshake (a smaller frame, a byte budget shared with the others)."""
+
     def close(self) -> None: ...
 
     async def wait_closed(self) -> None: ...
@@ -45,6 +49,10 @@ ConnectionHandler = Callable[[Connection], Awaitable[None]]
 class Server(Protocol):
     @property
     def port(self) -> int: ...
+
+    def trust(self) -> None:
+        """The peer has proven it holds the cluster key: lift the limits on what it may send
+        during the handshake (a smaller frame, a byte budget shared with the others)."""
 
     def close(self) -> None: ...
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Literal
 
+from octaskly.protocol import framing
 from octaskly.transport import base, quic, tcp, tls
 
 log = logging.getLogger(__name__)
@@ -45,16 +46,22 @@ async def listen(
 ) -> Listener:
     """TLS on TCP host:port and, unless disabled, QUIC on UDP host:port.
 
-    With port 0 the TCP listener picks a port and QUIC takes the same number (retried a
-    few times if that UDP port happens to be taken). Raises OSError if a port is taken.
+    Connections are held to the handshake limits (framing.HANDSHAKE_*) until the handler
+    calls `trust()`. With port 0 the TCP listener picks a port and QUIC takes the same
+    number (retried a few times if that UDP port happens to be taken). Raises OSError if a
+    port is taken.
     """
     attempts = 5 if port == 0 else 1
+    # what unauthenticated peers may make the dispatcher hold, over both transports
+    budget = framing.ByteBudget(framing.HANDSHAKE_BUDGET_BYTES)
     for attempt in range(attempts):
-        tcp_server = await tcp.serve(host, port, handler, identity=identity)
+        tcp_server = await tcp.serve(host, port, handler, identity=identity, budget=budget)
         if not quic_enabled:
             return Listener(tcp_server, None)
         try:
-            quic_server = await quic.serve(host, tcp_server.port, handler, identity=identity)
+            quic_server = await quic.serve(
+                host, tcp_server.port, handler, identity=identity, budget=budget
+            )
         except OSError:
             tcp_server.close()
             await tcp_server.wait_closed()

@@ -22,6 +22,8 @@ from aioquic.asyncio.server import QuicServer
 from aioquic.asyncio.server import serve as quic_serve
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection, QuicConnectionError
+from aioquic.quic.packet import QuicErrorCode
 from cryptography.hazmat.primitives import serialization
 
 from octaskly import errors
@@ -35,6 +37,42 @@ IDLE_TIMEOUT = 30.0
 PREAMBLE = b"octaskly-p2p\n"
 CLOSE_GRACE = 1.0
 """How long close() waits for the peer to acknowledge what was sent (a last `reject`)."""
+REORDER_LIMIT = 1024 * 1024
+"""Out-of-order bytes past which a stream's flow-control window stops growing."""
+
+
+def _harden(quic: QuicConnection) -> None:
+    """Bound what a peer can make aioquic buffer.
+
+    aioquic (1.7) doubles a stream's flow-control window whenever the highest offset seen
+    passes half of it, counting data that arrived out of order, and keeps every gap's bytes
+    in the stream's reorder buffer: a peer that sends only the last byte of each window
+    made one dispatcher allocate 2.3 GB in 8 s, before any handshake. The window now grows
+    only while the stream's out-of-order bytes stay under REORDER_LIMIT (in-order data,
+    which is handed to the reader at once, grows it as before). And the protocol uses one
+    bidirectional stream, id 0, opened by the worker: a frame for any other stream (aioquic
+    would accept 128 and raise that limit too) ends the connection.
+    """
+    get_or_create = quic._get_or_create_stream
+    write_stream_limits = quic._write_stream_limits
+
+    def only_stream_zero(frame_type: int, stream_id: int) -> Any:
+        if stream_id != 0:
+            raise QuicConnectionError(
+                error_code=QuicErrorCode.STREAM_LIMIT_ERROR,
+                frame_type=frame_type,
+                reason_phrase="octaskly uses one stream per connection",
+            )
+        return get_or_create(frame_type, stream_id)
+
+    def bounded_stream_limits(builder: Any, space: Any, stream: Any) -> None:
+        receiver = stream.receiver
+        if receiver.highest_offset - receiver.starting_offset() > REORDER_LIMIT:
+            return  # (raised again once the gap is filled)
+        write_stream_limits(builder, space, stream)
+
+    quic._get_or_create_stream = only_stream_zero  # type: ignore[method-assign]
+    quic._write_stream_limits = bounded_stream_limits  # type: ignore[method-assign]
 
 
 def _format_addr(addr: Any) -> str:
@@ -56,12 +94,21 @@ class QUICConnection:
         binding: bytes,
         peer: str,
         preamble: bytes = b"",
+        budget: framing.ByteBudget | None = None,
     ) -> None:
+        """With a `budget` (accepted connections), frames are held to the handshake limits
+        until `trust()`."""
         self._preamble = preamble
         self._reader = reader
         self._writer = writer
         self._protocol = protocol
-        self._frames = framing.FrameReader(reader.read)
+        self._frames = (
+            framing.FrameReader(reader.read)
+            if budget is None
+            else framing.FrameReader(
+                reader.read, max_frame=framing.HANDSHAKE_MAX_FRAME_BYTES, budget=budget
+            )
+        )
         self._peer = peer
         self._closed = False
         self._closing: asyncio.Future[None] | None = None
@@ -99,12 +146,16 @@ class QUICConnection:
             self._preamble = b""
         return await self._frames.next()
 
+    def trust(self) -> None:
+        self._frames.trust()
+
     def close(self) -> None:
         """End the stream, then the connection once the peer has acknowledged everything
         sent (at most CLOSE_GRACE later): closing QUIC at once would drop unsent data."""
         if self._closed:
             return
         self._closed = True
+        self._frames.release()
         with contextlib.suppress(Exception):  # the stream may already be reset
             self._writer.close()
         self._closing = asyncio.ensure_future(self._close_when_delivered())
@@ -141,8 +192,10 @@ class _ServerProtocol(QuicConnectionProtocol):
         self._addr: Any = None
         self._started = False
         self.tasks: set[asyncio.Task[None]] | None = None
+        self.budget: framing.ByteBudget | None = None
         kwargs["stream_handler"] = self._on_stream
         super().__init__(*args, **kwargs)
+        _harden(self._quic)
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         if self._addr is None:
@@ -168,6 +221,7 @@ class _ServerProtocol(QuicConnectionProtocol):
             binding=self.binding,
             peer=_format_addr(self._addr),
             preamble=PREAMBLE,
+            budget=self.budget,
         )
         task = asyncio.get_running_loop().create_task(self._serve(conn, self.handler))
         self.tasks.add(task)
@@ -201,9 +255,16 @@ class QUICServer:
 
 
 async def serve(
-    host: str, port: int, handler: base.ConnectionHandler, *, identity: tls.Identity
+    host: str,
+    port: int,
+    handler: base.ConnectionHandler,
+    *,
+    identity: tls.Identity,
+    budget: framing.ByteBudget | None = None,
 ) -> QUICServer:
-    """Listen for QUIC on UDP host:port (the TCP listener's port number)."""
+    """Listen for QUIC on UDP host:port (the TCP listener's port number). Connections share
+    `budget` (a new one if None) until the handler trusts them."""
+    budget = budget or framing.ByteBudget(framing.HANDSHAKE_BUDGET_BYTES)
     config = QuicConfiguration(is_client=False, alpn_protocols=[tls.ALPN])
     config.idle_timeout = IDLE_TIMEOUT
     config.load_cert_chain(identity.cert_path, identity.key_path)
@@ -213,6 +274,7 @@ async def serve(
     def create_protocol(*args: Any, **kwargs: Any) -> _ServerProtocol:
         protocol = _ServerProtocol(*args, **kwargs)
         protocol.handler, protocol.binding, protocol.tasks = handler, identity.binding, tasks
+        protocol.budget = budget
         return protocol
 
     server = await quic_serve(host, port, configuration=config, create_protocol=create_protocol)
@@ -242,6 +304,7 @@ async def connect(host: str, port: int, *, timeout: float) -> QUICConnection:
         protocol = await asyncio.wait_for(
             stack.enter_async_context(quic_connect(host, port, configuration=config)), timeout
         )
+        _harden(protocol._quic)  # (a hostile server could do the same to a worker)
         reader, writer = await protocol.create_stream()
         writer.write(PREAMBLE)
         binding = _peer_binding(protocol)

@@ -29,12 +29,25 @@ class TCPConnection:
     kind = "tcp"
 
     def __init__(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, binding: bytes
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        binding: bytes,
+        budget: framing.ByteBudget | None = None,
     ) -> None:
+        """With a `budget` (accepted connections), frames are held to the handshake limits
+        until `trust()`."""
         self._reader = reader
         self._writer = writer
         self.binding = binding
-        self._frames = framing.FrameReader(reader.read)
+        self._frames = (
+            framing.FrameReader(reader.read)
+            if budget is None
+            else framing.FrameReader(
+                reader.read, max_frame=framing.HANDSHAKE_MAX_FRAME_BYTES, budget=budget
+            )
+        )
         self._peer = _format_peer(writer.get_extra_info("peername"))
 
     @property
@@ -64,7 +77,11 @@ class TCPConnection:
         except ssl.SSLError as exc:  # a tampered, replayed or truncated record
             raise ConnectionError(f"TLS: {exc.reason or exc}") from None
 
+    def trust(self) -> None:
+        self._frames.trust()
+
     def close(self) -> None:
+        self._frames.release()
         self._writer.close()
 
     async def wait_closed(self) -> None:
@@ -91,13 +108,20 @@ class TCPServer:
 
 
 async def serve(
-    host: str, port: int, handler: base.ConnectionHandler, *, identity: tls.Identity
+    host: str,
+    port: int,
+    handler: base.ConnectionHandler,
+    *,
+    identity: tls.Identity,
+    budget: framing.ByteBudget | None = None,
 ) -> TCPServer:
-    """Listen with TLS on host:port; run `handler` for each connection, closing it after."""
+    """Listen with TLS on host:port; run `handler` for each connection, closing it after.
+    Connections share `budget` (a new one if None) until the handler trusts them."""
     context = tls.server_context(identity)
+    budget = budget or framing.ByteBudget(framing.HANDSHAKE_BUDGET_BYTES)
 
     async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = TCPConnection(reader, writer, binding=identity.binding)
+        conn = TCPConnection(reader, writer, binding=identity.binding, budget=budget)
         try:
             await handler(conn)
         finally:

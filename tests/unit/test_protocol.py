@@ -46,6 +46,42 @@ def test_partial_frame_waits_for_more() -> None:
     assert dec.feed(frame[-1:]) == [{"type": "heartbeat"}]
 
 
+def test_connections_in_their_handshake_share_one_byte_budget() -> None:
+    budget = framing.ByteBudget(100)
+    a = framing.FrameDecoder(max_frame=1000, budget=budget)
+    b = framing.FrameDecoder(max_frame=1000, budget=budget)
+    big = framing.encode({"type": "hello", "pad": "x" * 200})
+    assert a.feed(big[:60]) == [] and budget.used == 60
+    assert b.feed(big[:40]) == [] and budget.used == 100
+    with pytest.raises(errors.ProtocolError, match="already hold 100 bytes"):
+        b.feed(big[40:41])  # one byte too many: refused before it is buffered
+    assert budget.used == 100 and b.buffered == 40
+    b.release()  # its connection is dropped: what it held goes back
+    assert budget.used == 60
+    c = framing.FrameDecoder(max_frame=1000, budget=budget)
+    small = framing.encode({"type": "hello"})
+    assert c.feed(small) == [{"type": "hello"}]  # a whole frame gives its bytes back
+    assert budget.used == 60
+
+
+def test_trust_lifts_the_handshake_limits() -> None:
+    with pytest.raises(errors.ProtocolError, match="frame length 21 exceeds 20"):
+        framing.FrameDecoder(max_frame=20, budget=framing.ByteBudget(50)).feed(
+            framing.HEADER.pack(21)
+        )
+    budget = framing.ByteBudget(50)
+    dec = framing.FrameDecoder(max_frame=20, budget=budget)
+    big = {"type": "output", "data": "x" * 500}
+    wire = framing.encode(big)
+    hello = framing.encode({"type": "hello"})
+    assert dec.feed(hello + wire[:2]) == [{"type": "hello"}]
+    assert budget.used == 2  # half of the next frame's header
+    dec.trust()  # the hello's proof checked out
+    assert budget.used == 0
+    assert dec.feed(wire[2:]) == [big]  # over the 20-byte frame limit and the 50-byte budget
+    assert budget.used == 0
+
+
 def _hello(**overrides: object) -> dict[str, object]:
     base: dict[str, object] = {
         "type": "hello",
