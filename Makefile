@@ -19,6 +19,7 @@ venv: $(STAMP)
 ## system-deps: bubblewrap (bwrap), which the strict sandbox levels and their tests need;
 ## shellcheck and systemd (systemd-analyze), which the installer and unit tests need;
 ## chromium, the headless browser the dashboard's tests drive (with Playwright);
+## postgresql, whose initdb/pg_ctl the tests use for throwaway servers (tests/pg.py);
 ## whatever is missing is installed with one apt-get call when we are root (CI), else a warning
 system-deps:
 	@missing=""; \
@@ -26,6 +27,7 @@ system-deps:
 	command -v shellcheck >/dev/null 2>&1 || missing="$$missing shellcheck"; \
 	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
 	test -x /usr/lib/chromium/chromium || missing="$$missing chromium"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \

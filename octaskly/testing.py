@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 import random
 import socket
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -293,7 +295,31 @@ def free_port() -> int:
                 udp.bind(("127.0.0.1", port))
         except OSError:
             continue
-        return port
+        if _reserve(port):
+            return port
+
+
+PORT_RESERVATIONS = Path(tempfile.gettempdir()) / "octaskly-test-ports"
+RESERVATION_SECONDS = 600.0
+
+
+def _reserve(port: int) -> bool:
+    """Claim `port` for this process for RESERVATION_SECONDS, across processes (test
+    workers run in parallel, and a port found free is not bound until the server starts:
+    two processes could pick the same one). False if another claimed it recently."""
+    PORT_RESERVATIONS.mkdir(mode=0o700, exist_ok=True)
+    marker = PORT_RESERVATIONS / str(port)
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        return True
+    except FileExistsError:
+        try:
+            if time.time() - marker.stat().st_mtime < RESERVATION_SECONDS:
+                return False
+            marker.touch()  # an old claim: take it over
+            return True
+        except FileNotFoundError:
+            return False
 
 
 def _ephemeral_low() -> int:

@@ -549,7 +549,11 @@ async def backup(request: web.Request) -> web.StreamResponse:
     dispatcher = _dispatcher(request)
     snapshot = getattr(dispatcher.store, "snapshot", None)
     if snapshot is None:
-        raise HTTPProblem(501, "this store cannot make online backups")
+        raise HTTPProblem(
+            501,
+            "this dispatcher's database is PostgreSQL: back it up with pg_dump or the "
+            "server's own backups (octaskly backups are of SQLite databases)",
+        )
     path: Path = dispatcher.store.path  # type: ignore[attr-defined]
     target = path.with_name(f".{path.name}.download-{uuid.uuid4().hex}")
     try:

@@ -316,7 +316,13 @@ def _backup_or_restore(args: argparse.Namespace) -> int:
 
     settings = _load(args).settings
     db_path = settings.db_file()
-    if args.kind == "backup" and getattr(args, loading.flag_dest("api_url"), None):
+    via_api = args.kind == "backup" and getattr(args, loading.flag_dest("api_url"), None)
+    if settings.storage.db_url is not None and not via_api:
+        raise errors.ConfigError(
+            f"octaskly {args.kind} works on SQLite databases; this configuration uses "
+            "PostgreSQL (db_url): use pg_dump / pg_restore, or the server's own backups"
+        )
+    if via_api:
         from octaskly.cli import tokens_cmd
         from octaskly.cli.client import APIError
 

@@ -32,7 +32,8 @@ from octaskly.protocol import messages
 from octaskly.services import auditing, ha
 from octaskly.services import dispatcher as dispatching
 from octaskly.services import worker as working
-from octaskly.store import sqlite
+from octaskly.store import base as store_base
+from octaskly.store import postgres, sqlite
 from octaskly.transport import discovery, p2p, tls
 
 log = logging.getLogger("octaskly")
@@ -117,7 +118,7 @@ def ha_options(settings: config_settings.Settings) -> ha.Options:
         failover_timeout=d.failover_timeout,
         auto_failover=d.auto_failover,
         connect_timeout=min(5.0, settings.performance.connection_timeout),
-        name=d.node_name or f"{socket.gethostname()}:{settings.network.port}",
+        name=node_name(settings),
         state_dir=settings.data_dir(),
         advertise_host=(
             None
@@ -165,14 +166,35 @@ class RunningDispatcher:
             self.lock = None
 
 
-def _refuse_unavailable(settings: config_settings.Settings) -> None:
-    """Settings of features this version does not have yet fail loudly, never silently."""
-    unavailable = {
-        "db_url (PostgreSQL)": settings.storage.db_url is not None,
-    }
-    for what, requested in unavailable.items():
-        if requested:
-            raise errors.ConfigError(f"{what} is not supported by this version of octaskly yet")
+def _check_storage(settings: config_settings.Settings) -> None:
+    """With PostgreSQL every dispatcher is active on the shared database: a standby that
+    replicates a primary's SQLite file has no meaning there (PostgreSQL's own replication
+    carries durability)."""
+    d = settings.dispatcher
+    if settings.storage.db_url is not None and (d.role == "standby" or d.primary_addr):
+        raise errors.ConfigError(
+            "role standby / primary_addr replicate a primary's SQLite database; with db_url "
+            "(PostgreSQL) run several dispatchers on the same database instead, all active"
+        )
+
+
+def make_store(settings: config_settings.Settings) -> store_base.Store:
+    """The store the settings ask for: PostgreSQL with db_url, else the SQLite file."""
+    url = settings.storage.db_url
+    if url is not None:
+        return postgres.PostgresStore(url, application_name=f"octaskly {node_name(settings)}")
+    return sqlite.SQLiteStore(settings.db_file(), synchronous=settings.storage.sqlite_synchronous)
+
+
+def node_name(settings: config_settings.Settings) -> str:
+    return settings.dispatcher.node_name or f"{socket.gethostname()}:{settings.network.port}"
+
+
+def store_description(store: store_base.Store) -> str:
+    """Where the data is, for logs (never a password)."""
+    if isinstance(store, postgres.PostgresStore):
+        return f"PostgreSQL {store.where}"
+    return str(getattr(store, "path", "memory"))
 
 
 def api_tls_context(settings: config_settings.Settings) -> ssl.SSLContext | None:
@@ -331,7 +353,7 @@ def data_dir_in_use(data_dir: Path) -> bool:
 
 
 async def start_dispatcher(settings: config_settings.Settings) -> RunningDispatcher:
-    _refuse_unavailable(settings)
+    _check_storage(settings)
     api_tls = api_tls_context(settings)  # before anything starts: bad files fail fast
     data_dir = settings.data_dir()
     try:
@@ -351,8 +373,7 @@ async def _start_locked(
 ) -> RunningDispatcher:
     secret = ensure_secret(settings, data_dir)
     identity = tls.load_or_create(data_dir / TLS_DIR)
-    db_path = settings.db_file()
-    store = sqlite.SQLiteStore(db_path, synchronous=settings.storage.sqlite_synchronous)
+    store = make_store(settings)
     dispatcher = dispatching.Dispatcher(options=dispatcher_options(settings, secret), store=store)
     dispatcher.ha.p2p_port = settings.network.port
     await dispatcher.start()
@@ -372,7 +393,7 @@ async def _start_locked(
         "https" if settings.api.tls_cert is not None else "http",
         net.bind_address,
         api_port,
-        db_path,
+        store_description(store),
     )
     if not settings.security.require_auth and net.bind_address not in ("127.0.0.1", "::1"):
         log.warning(

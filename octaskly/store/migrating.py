@@ -31,10 +31,11 @@ class Migration:
 
 
 @functools.cache
-def migrations() -> tuple[Migration, ...]:
-    """All migrations shipped with this octaskly, in version order (1, 2, … N)."""
+def migrations(directory: str = "migrations") -> tuple[Migration, ...]:
+    """All migrations shipped with this octaskly, in version order (1, 2, … N): SQLite's
+    in `migrations/`, PostgreSQL's in `migrations_pg/`."""
     found = []
-    for entry in resources.files("octaskly.store").joinpath("migrations").iterdir():
+    for entry in resources.files("octaskly.store").joinpath(directory).iterdir():
         match = _FILE_NAME.match(entry.name)
         if match:
             found.append(Migration(int(match[1]), match[2], entry.read_text("utf-8")))

@@ -154,7 +154,7 @@ class SQLiteStore:
         self._ensure_writable()
         if not tasks:
             return []
-        _check_unique(tasks)
+        writing.check_unique(tasks)
         future = asyncio.get_running_loop().create_future()
         self._submit(writing.Op(future, tasks=tasks, rows=[queries.task_row(t) for t in tasks]))
         return cast(list[int], await future)
@@ -260,7 +260,7 @@ class SQLiteStore:
             error = errors.StorageError(f"the database writer for {self.path} stopped")
             for op in [*self._inflight, *self._pending]:
                 op.error = op.error or error
-                _settle(op)
+                writing.settle(op)
             self._inflight, self._pending = [], collections.deque()
 
     def _on_writer_done(self, task: asyncio.Task[None]) -> None:
@@ -296,7 +296,7 @@ class SQLiteStore:
             for op in batch:
                 op.error = op.error or error
         for op in batch:
-            _settle(op)
+            writing.settle(op)
 
     # -- replication -----------------------------------------------------------------------
     @property
@@ -458,21 +458,6 @@ class SQLiteStore:
 
 
 # -- helpers --------------------------------------------------------------------------------
-def _check_unique(tasks: Sequence[models.Task]) -> None:
-    """Duplicates inside one insert fail before they reach the writer."""
-    ids: set[str] = set()
-    keys: set[tuple[str, str]] = set()
-    for task in tasks:
-        if task.id in ids:
-            raise errors.ConflictError(f"task id {task.id} appears twice in one insert")
-        ids.add(task.id)
-        if task.idempotency_key is not None:
-            key = (task.owner or "", task.idempotency_key)
-            if key in keys:
-                raise base.DuplicateIdempotencyKey(task.owner, task.idempotency_key)
-            keys.add(key)
-
-
 def _update_op(
     updates: Sequence[base.TaskUpdate], future: asyncio.Future[Any] | None
 ) -> writing.Op:
@@ -480,19 +465,6 @@ def _update_op(
     op = writing.Op(future, statements=[queries.update_statement(u) for u in updates])
     op.seq_bumps = [u.changes.get("queue_seq") for u in updates]
     return op
-
-
-def _settle(op: writing.Op) -> None:
-    if op.future is None:
-        if op.error is not None:
-            log.warning("a background write failed and was dropped: %s", op.error)
-        return
-    if op.future.done():
-        return
-    if op.error is not None:
-        op.future.set_exception(op.error)
-    else:
-        op.future.set_result(op.result)
 
 
 def read_position(path: Path) -> changes.Position:

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import functools
 import itertools
+import logging
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -23,6 +24,8 @@ from typing import Any
 from octaskly import errors
 from octaskly.domain import models
 from octaskly.store import base, changes, faults, queries
+
+log = logging.getLogger(__name__)
 
 WAL_SIZE_LIMIT = 4 << 20
 """Bytes the WAL file is cut back to when it starts over after a checkpoint: about what
@@ -48,7 +51,8 @@ class Op:
     future: asyncio.Future[Any] | None
     tasks: Sequence[models.Task] = ()
     rows: list[tuple[Any, ...]] = dataclasses.field(default_factory=list)
-    statements: list[queries.Update] = dataclasses.field(default_factory=list)
+    statements: list[Any] = dataclasses.field(default_factory=list)
+    """Compare-and-set updates, in the store's own form (queries.Update for SQLite)."""
     seq_bumps: list[int | None] = dataclasses.field(default_factory=list)
     plain: list[tuple[str, tuple[Any, ...]]] = dataclasses.field(default_factory=list)
     """Other statements (tokens), run in order; the result is their row counts."""
@@ -422,3 +426,31 @@ def _existing_key(
         if row is not None:
             return base.DuplicateIdempotencyKey(owner, str(row[0]))
     return None
+
+
+def check_unique(tasks: Sequence[models.Task]) -> None:
+    """Duplicates inside one insert fail before they reach the writer."""
+    ids: set[str] = set()
+    keys: set[tuple[str, str]] = set()
+    for task in tasks:
+        if task.id in ids:
+            raise errors.ConflictError(f"task id {task.id} appears twice in one insert")
+        ids.add(task.id)
+        if task.idempotency_key is not None:
+            key = (task.owner or "", task.idempotency_key)
+            if key in keys:
+                raise base.DuplicateIdempotencyKey(task.owner, task.idempotency_key)
+            keys.add(key)
+
+
+def settle(op: Op) -> None:
+    if op.future is None:
+        if op.error is not None:
+            log.warning("a background write failed and was dropped: %s", op.error)
+        return
+    if op.future.done():
+        return
+    if op.error is not None:
+        op.future.set_exception(op.error)
+    else:
+        op.future.set_result(op.result)

@@ -1,7 +1,8 @@
 """The store contract: every behaviour the dispatcher relies on, run against each store.
 
 `InMemoryStore` (unit tests of services use it) must behave exactly like `SQLiteStore`
-(production uses it); running one suite against both keeps them from drifting apart.
+and `PostgresStore` (production uses them); running one suite against all three keeps
+them from drifting apart. PostgreSQL is a real server (tests/pg.py).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pytest
 
 from octaskly import errors, testing
 from octaskly.domain import models
-from octaskly.store import base, sqlite
+from octaskly.store import base, postgres, sqlite
 
 QUEUED = models.TaskStatus.QUEUED
 RUNNING = models.TaskStatus.RUNNING
@@ -24,13 +25,17 @@ FAILED = models.TaskStatus.FAILED
 StoreFactory = Callable[[], base.Store]
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "postgresql"])
 def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> StoreFactory:
-    """A factory of unopened stores of the parametrised kind (all on one database)."""
+    """A factory of unopened stores of the parametrised kind (all on one database; for
+    PostgreSQL a fresh database in the test process's throwaway cluster)."""
+    url = request.getfixturevalue("pg_url") if request.param == "postgresql" else ""
 
     def make() -> base.Store:
         if request.param == "memory":
             return testing.InMemoryStore()
+        if request.param == "postgresql":
+            return postgres.PostgresStore(url)
         return sqlite.SQLiteStore(tmp_path / "octaskly.db")
 
     return make
