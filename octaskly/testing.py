@@ -247,6 +247,10 @@ class InMemoryStore:
     async def barrier(self) -> None:
         self._ensure_open()
 
+    async def claim(self, updates: Sequence[base.TaskUpdate]) -> list[bool]:
+        """`apply`: this database has one dispatcher, nobody else claims."""
+        return await self.apply(updates)
+
     async def record_token(self, record: base.TokenRecord) -> None:
         self._ensure_open()
         if record.jti in self._tokens:

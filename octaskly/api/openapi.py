@@ -97,7 +97,8 @@ _WORKER = _object(
         "state": {"type": "string", "enum": ["idle", "busy", "draining", "offline"]},
         "connected_at": _DATE,
         "last_heartbeat": _DATE,
-    }
+    },
+    {"dispatcher": _STR},
 )
 _STATS = _object(
     {
@@ -110,7 +111,31 @@ _STATS = _object(
         ),
         "database": _object({"total_tasks": _INT, "disk_size_mb": _NUM}),
         "ha": _object({"role": _ROLE, "term": _INT}),
-    }
+    },
+    {
+        "federation": _object(
+            {
+                "name": _STR,
+                "lease_seconds": _NUM,
+                "dispatchers": {
+                    "type": "array",
+                    "items": _object(
+                        {
+                            "id": _STR,
+                            "workers": _INT,
+                            "running": _INT,
+                            "renewed_seconds_ago": _NUM,
+                        },
+                        {
+                            "api_url": {"type": ["string", "null"]},
+                            "p2p_address": {"type": ["string", "null"]},
+                        },
+                    ),
+                },
+                "taken_over": _INT,
+            }
+        )
+    },
 )
 
 

@@ -397,7 +397,7 @@ async def task_logs(request: web.Request) -> web.StreamResponse:
 async def workers(request: web.Request) -> web.Response:
     middleware.require(request, CLUSTER, "see workers")
     _check_query(request, set())
-    views = _dispatcher(request).peers.views()
+    views = await _dispatcher(request).federation.worker_views()
     for view in views:
         view["connected_at"] = rfc3339(view["connected_at"])
         view["last_heartbeat"] = rfc3339(view["last_heartbeat"])
@@ -498,7 +498,7 @@ async def _live_stats(dispatcher: Dispatcher, owner: str | None) -> dict[str, An
     if owner is not None:  # a client sees nothing of the cluster but that it is alive
         return {"time": rfc3339(time.time())}
     stats = await dispatcher.stats()
-    stats["workers_list"] = dispatcher.peers.views()
+    stats["workers_list"] = await dispatcher.federation.worker_views()
     stats["time"] = rfc3339(time.time())
     return stats
 

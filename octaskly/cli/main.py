@@ -35,6 +35,7 @@ DISPATCHER_KEYS = [
     "failover_timeout",
     "auto_failover",
     "node_name",
+    "lease_seconds",
     "quic_enabled",
     "task_queue_size",
     "keepalive_interval",

@@ -29,7 +29,7 @@ from octaskly.cli import tokens_cmd
 from octaskly.config import settings as config_settings
 from octaskly.domain import models
 from octaskly.protocol import messages
-from octaskly.services import auditing, ha
+from octaskly.services import auditing, federation, ha
 from octaskly.services import dispatcher as dispatching
 from octaskly.services import worker as working
 from octaskly.store import base as store_base
@@ -101,11 +101,24 @@ def dispatcher_options(settings: config_settings.Settings, secret: bytes) -> dis
         connection_timeout=settings.performance.connection_timeout,
         output_limit=settings.worker.output_limit_kb * 1024,
         ha=ha_options(settings),
+        federation=federation_options(settings),
         audit_path=(
             settings.data_dir() / auditing.FILE if settings.security.audit_logging else None
         ),
         audit_retention_days=settings.storage.log_retention_days,
         task_retention_hours=settings.storage.task_retention_hours,
+    )
+
+
+def federation_options(settings: config_settings.Settings) -> federation.Options:
+    net = settings.network
+    host = socket.gethostname() if net.bind_address in ("0.0.0.0", "::", "") else net.bind_address
+    scheme = "https" if settings.api.tls_cert is not None else "http"
+    return federation.Options(
+        lease=settings.dispatcher.lease_seconds,
+        data_dir=settings.data_dir(),
+        p2p_address=f"{host}:{net.port}",
+        api_url=f"{scheme}://{host}:{net.api_port}",
     )
 
 
@@ -182,7 +195,8 @@ def make_store(settings: config_settings.Settings) -> store_base.Store:
     """The store the settings ask for: PostgreSQL with db_url, else the SQLite file."""
     url = settings.storage.db_url
     if url is not None:
-        return postgres.PostgresStore(url, application_name=f"octaskly {node_name(settings)}")
+        name = node_name(settings)
+        return postgres.PostgresStore(url, application_name=f"octaskly {name}", owner=name)
     return sqlite.SQLiteStore(settings.db_file(), synchronous=settings.storage.sqlite_synchronous)
 
 

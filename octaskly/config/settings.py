@@ -256,7 +256,7 @@ class LimitsSettings(_Table):
 
 
 class DispatcherSettings(_Table):
-    """[dispatcher]: high availability."""
+    """[dispatcher]: high availability, and federation on PostgreSQL."""
 
     role: Literal["primary", "standby"] = Field(
         default="primary", description="primary serves; standby replicates the primary"
@@ -288,6 +288,14 @@ class DispatcherSettings(_Table):
         pattern=r"^[A-Za-z0-9._@:\-]+$",
         description="This dispatcher's name among its peers (default: HOSTNAME:PORT)",
         examples=["dispatcher-a"],
+    )
+    lease_seconds: float = Field(
+        default=15.0,
+        ge=3,
+        le=600,
+        allow_inf_nan=False,
+        description="With db_url: seconds a dispatcher's runs stay its own without a "
+        "renewal; after that another dispatcher takes them over",
     )
 
     @pydantic.field_validator("primary_addr")

@@ -63,6 +63,13 @@ class TaskQueue:
     def needs_refill(self, priority: models.Priority) -> bool:
         return self._on_disk[priority] and len(self._fifo[priority]) < self.window // 2
 
+    def rewind(self, priority: models.Priority, after_queue_seq: int) -> None:
+        """Tasks from `after_queue_seq` on may have become queued behind the window's back
+        (another dispatcher queued them): read from there again at the next refill."""
+        self._cursor[priority] = min(self._cursor[priority], max(0, after_queue_seq))
+        self._on_disk[priority] = True
+        self._pushes[priority] += 1
+
     def refill_cursor(self, priority: models.Priority) -> tuple[int, int]:
         """(after_queue_seq, pushes) to pass back to `refill` with the rows read."""
         return self._cursor[priority], self._pushes[priority]

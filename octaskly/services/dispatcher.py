@@ -24,7 +24,7 @@ import psutil
 from octaskly import __version__, errors, keyring
 from octaskly.domain import models, queueing, scheduling
 from octaskly.protocol import messages
-from octaskly.services import auditing, ha, live, metrics, peering, tokens
+from octaskly.services import auditing, federation, ha, live, metrics, peering, tokens
 from octaskly.store import base as store_base
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,8 @@ class Options:
     queue_window: int = 4096
     ha: ha.Options = dataclasses.field(default_factory=ha.Options)
     """Role, replication and failover (see services.ha)."""
+    federation: federation.Options = dataclasses.field(default_factory=federation.Options)
+    """Leases and addresses when several dispatchers share a PostgreSQL database."""
     audit_path: Path | None = None
     """Where the audit log goes (`<data dir>/logs/audit.log`); None: audit logging off."""
     audit_retention_days: int | None = None
@@ -103,6 +105,7 @@ class Dispatcher:
         self.tokens = tokens.Tokens(self.keys, store, clock)
         self.peers = peering.Peers(self)
         self.ha = ha.HA(self, options.ha)
+        self.federation = federation.Federation(self, options.federation)
         self.metrics = metrics.Metrics()
         self._hook_commits(store)
         self.queued_count = 0
@@ -128,6 +131,7 @@ class Dispatcher:
         self.audit.open()
         await self.store.open()
         await self.tokens.load()
+        await self.federation.register()
         await self.ha.start()
         if self.keys.path is not None:
             self.spawn(self._watch_keys_forever(), "key-file-watch")
@@ -150,6 +154,7 @@ class Dispatcher:
         ]
         if self.options.task_retention_hours > 0:
             self._primary_tasks.append(self.spawn(self._prune_tasks_forever(), "task-retention"))
+        self.federation.start()
         self.wake()
 
     async def stop_primary(self, redirect: messages.Redirect) -> None:
@@ -277,6 +282,7 @@ class Dispatcher:
             self._tokens_reload.cancel()
         await self.ha.stop()
         await self.peers.close_all()
+        await self.federation.stop()
         await self.store.close()
         self.audit.close()
         self.stopped.set()
@@ -287,7 +293,10 @@ class Dispatcher:
         They wait a short grace before they may run again, so a worker still running one
         can reconnect and report it (it is then re-attached instead of run twice).
         """
-        running = await self.store.running_tasks()
+        if self.federation.enabled:  # the others' runs are theirs
+            running = await self.federation.store.owned_running_tasks()
+        else:
+            running = await self.store.running_tasks()
         if not running:
             return
         grace = self.clock() + 2 * self.options.keepalive_interval
@@ -422,6 +431,11 @@ class Dispatcher:
                 update = store_base.TaskUpdate(
                     task_id, changes, expect_status=RUNNING, expect_attempts=run.attempt
                 )
+            elif task.status == RUNNING and self.federation.enabled:
+                # another dispatcher runs it: it hears of the cancel and stops the run
+                update = store_base.TaskUpdate(
+                    task_id, changes, expect_status=RUNNING, expect_attempts=task.attempts
+                )
             else:
                 update = store_base.TaskUpdate(task_id, changes, expect_status=QUEUED)
             (applied,) = await self.store.apply([update])
@@ -431,7 +445,7 @@ class Dispatcher:
             if run is not None and self.runs.get(task_id) is run:
                 self._end_run(run)
                 self.peers.send_cancel(run.worker_id, task_id, run.attempt)
-            elif run is None:
+            elif run is None and task.status == QUEUED:
                 self.queue.remove(task_id)
                 self.queued_count -= 1
             self.watchers.notify(task_id)
@@ -608,7 +622,9 @@ class Dispatcher:
                 details={"attempt": attempt},
             )
         source = self.ha.source
-        if source is not None and source.sync and source.synced:
+        if self.federation.enabled:
+            await self._claim_and_send(updates, new_runs, sends)
+        elif source is not None and source.sync and source.synced:
             # Sync replication: the standby learns of each assignment before any worker
             # starts it, so after a failover no task runs twice.
             await self._mark_running(updates, new_runs)
@@ -625,12 +641,35 @@ class Dispatcher:
         for update in updates:
             self.watchers.notify(update.task_id)
 
-    async def _mark_running(self, updates: list[store_base.TaskUpdate], runs: list[Run]) -> None:
-        """Commit the running marks of new runs. On a full disk the runs are taken back
+    async def _claim_and_send(
+        self,
+        updates: list[store_base.TaskUpdate],
+        runs: list[Run],
+        sends: list[tuple[str, models.Task, int]],
+    ) -> None:
+        """Other dispatchers may be after the same tasks: the claims commit first (rows
+        being claimed elsewhere are skipped), and only the tasks won are sent."""
+        won = await self._mark_running(updates, runs, claim=True)
+        for (worker_id, task, attempt), ok in zip(sends, won, strict=True):
+            mine = self.runs.get(task.id)
+            if not ok:
+                if mine is not None and mine.attempt == attempt:
+                    self._end_run(mine)
+                    self.queued_count += 1  # (the next refresh counts it again)
+            elif mine is not None and self.peers.is_connected(worker_id):
+                self.peers.send_assign(worker_id, task, attempt)
+
+    async def _mark_running(
+        self, updates: list[store_base.TaskUpdate], runs: list[Run], *, claim: bool = False
+    ) -> list[bool]:
+        """Commit the running marks of new runs (as claims: skipping tasks another
+        dispatcher is taking); which applied. On a full disk the runs are taken back
         (re-queued in memory, as the database still has them; their workers told to drop
         them) before the error is raised."""
         try:
-            await self.store.apply(updates)
+            if claim:
+                return await self.store.claim(updates)
+            return await self.store.apply(updates)
         except errors.StorageFullError:
             for run in runs:
                 if self.runs.get(run.task_id) is run:
@@ -800,7 +839,11 @@ class Dispatcher:
                 changes.update(completed_at=self.clock(), error=outcome.error)
             updates.append(
                 store_base.TaskUpdate(
-                    run.task_id, changes, expect_status=RUNNING, expect_attempts=run.attempt
+                    run.task_id,
+                    changes,
+                    expect_status=RUNNING,
+                    expect_attempts=run.attempt,
+                    owned=True,  # not if its worker re-attached it to another dispatcher
                 )
             )
         if not updates:
@@ -852,6 +895,7 @@ class Dispatcher:
                     {"status": QUEUED, "not_before": None},
                     expect_status=RUNNING,
                     expect_attempts=run.attempt,
+                    owned=True,
                 )
             )
         if not updates:
@@ -869,6 +913,14 @@ class Dispatcher:
         """A reconnecting worker still holds an attempt we had re-queued: take it back
         instead of running the task again."""
         task = await self.store.get_task(task_id)
+        if (
+            task is not None
+            and task.status == RUNNING
+            and task.attempts == attempt
+            and task_id not in self.runs
+            and self.federation.enabled
+        ):
+            return await self._adopt(worker_id, task, attempt)
         if (
             task is None
             or task.status != QUEUED
@@ -910,6 +962,38 @@ class Dispatcher:
         log.info("re-attached task %s attempt %d to worker %s", task_id, attempt, worker_id)
         return run
 
+    async def _adopt(self, worker_id: str, task: models.Task, attempt: int) -> Run | None:
+        """A worker that moved here from another dispatcher (which died, or which it lost)
+        still runs this attempt: the run becomes ours, it is not run again."""
+        update = store_base.TaskUpdate(
+            task.id,
+            {"status": RUNNING, "worker_id": worker_id},
+            expect_status=RUNNING,
+            expect_attempts=attempt,
+        )
+        (ok,) = await self.store.apply([update])
+        if not ok or task.id in self.runs:
+            return None
+        run = Run(
+            task.id,
+            worker_id,
+            attempt,
+            _candidate(task),
+            task.spec.retry_count,
+            task.lost_count,
+            task.started_at or self.clock(),
+        )
+        self.runs[task.id] = run
+        self.outputs[task.id] = live.LiveOutput(attempt, limit=self.options.output_limit)
+        self.watchers.notify(task.id)
+        log.info("took over task %s attempt %d with its worker %s", task.id, attempt, worker_id)
+        return run
+
+    def end_run(self, run: Run) -> None:
+        """Forget a run another dispatcher ended or took (federation)."""
+        if self.runs.get(run.task_id) is run:
+            self._end_run(run)
+
     def on_workers_changed(self) -> None:
         if self.queue.unpark_all():
             log.info("a worker joined: parked tasks are considered again")
@@ -919,9 +1003,10 @@ class Dispatcher:
     async def stats(self) -> dict[str, Any]:
         counts = await self.store.count_by_status()
         depth = await self.store.queued_by_priority()
-        workers = self.peers.views()
+        workers = await self.federation.worker_views()  # (federated: every dispatcher's)
         busy = sum(1 for w in workers if w["current_jobs"] > 0)
         mem = self._process.memory_info().rss / (1024 * 1024)
+        extra = {"federation": await self.federation.summary()} if self.federation.enabled else {}
         return {
             "workers": {"total": len(workers), "active": busy, "idle": len(workers) - busy},
             "tasks": {s.value: counts.get(s, 0) for s in models.TaskStatus},
@@ -937,6 +1022,7 @@ class Dispatcher:
                 "disk_size_mb": round(await self.store.size_bytes() / (1024 * 1024), 3),
             },
             "ha": self.ha_summary(),
+            **extra,
         }
 
     def health(self) -> dict[str, Any]:

@@ -24,6 +24,7 @@ import logging
 import os
 import resource
 import secrets
+import zlib
 from pathlib import Path
 from typing import TypeVar
 
@@ -172,9 +173,15 @@ class Worker:
 
     # -- connection loop ------------------------------------------------------------------
     async def run(self) -> None:
-        """Serve forever; raises FatalWorkerError if the dispatcher refuses this worker."""
+        """Serve forever; raises FatalWorkerError once every known dispatcher, one after
+        the other, refused this worker or failed to prove the cluster key (one bad address
+        in a list of several is skipped, not fatal)."""
         executing.install_fast_child_watcher()
-        delay, index = 0.2, 0
+        # Workers given the same list of dispatchers start at different places in it
+        # (by name, so a restart goes back to the same one): several active dispatchers
+        # on one database share the workers; one primary redirects the rest to itself.
+        delay, index = 0.2, zlib.crc32(self.options.name.encode())
+        refused: set[str] = set()
         witnessing = asyncio.create_task(self._witness_forever(), name="octaskly-witnesses")
         try:
             while True:
@@ -185,8 +192,13 @@ class Worker:
                 try:
                     await self._session(addr)
                     delay = 0.2
-                except FatalWorkerError:
-                    raise
+                    refused.clear()
+                except FatalWorkerError as exc:
+                    refused.add(addr)
+                    if refused.issuperset(self.known):
+                        raise
+                    log.error("dispatcher %s: %s; trying the others", addr, exc)
+                    index += 1
                 except _Moved as exc:
                     log.info("dispatcher %s: %s", addr, exc)
                     delay = 0.2
@@ -196,6 +208,7 @@ class Worker:
                     index += 1
                     if self._welcomed:  # a session that worked ended: a new outage, not
                         self._welcomed, delay = False, 0.2  # the next failure in a row
+                        refused.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._nudge.wait(), delay)  # or a newer primary
                 self._nudge.clear()

@@ -63,6 +63,9 @@ class TaskUpdate:
     changes: Mapping[str, Any]
     expect_status: models.TaskStatus | frozenset[models.TaskStatus] | None = None
     expect_attempts: int | None = None
+    owned: bool = False
+    """Only if this dispatcher holds the run (a store shared by several dispatchers checks
+    the run's owner; one dispatcher's own store owns everything)."""
 
     def __post_init__(self) -> None:
         unknown = set(self.changes) - UPDATABLE_COLUMNS
@@ -125,6 +128,11 @@ class Store(Protocol):
 
     async def barrier(self) -> None:
         """Return once every write queued before this call is committed (or failed)."""
+
+    async def claim(self, updates: Sequence[TaskUpdate]) -> list[bool]:
+        """`apply` for assignments (queued → running): on a database shared by several
+        dispatchers a task another one is claiming at this moment is skipped (False)
+        rather than waited for; the winner owns the run."""
 
     async def prune_tasks(self, completed_before: float, *, batch: int = 1000) -> int:
         """Delete, durably, every finished task (completed, failed, timed_out, cancelled)

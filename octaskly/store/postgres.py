@@ -20,7 +20,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import functools
 import itertools
+import json
 import logging
 import time
 import urllib.parse
@@ -48,6 +50,19 @@ COMMAND_TIMEOUT = 60.0
 dispatcher's writer for ever)."""
 PRUNE_BATCH = 1000
 MIGRATION_LOCK = 0x6F637461736B6C79  # "octaskly": one dispatcher migrates at a time
+CHANNEL = "octaskly"
+"""LISTEN/NOTIFY channel on which dispatchers tell each other of the tasks they changed."""
+NOTIFY_CHANGES = 150  # task changes per notification (PostgreSQL caps a payload at 8000 B)
+LISTEN_PING = 5.0  # seconds between checks that the listening connection is alive
+_STATUS_CODE = {
+    "queued": "q",
+    "running": "r",
+    "completed": "c",
+    "failed": "f",
+    "timed_out": "t",
+    "cancelled": "x",
+}
+STATUS_OF_CODE = {code: models.TaskStatus(name) for name, code in _STATUS_CODE.items()}
 
 # PostgreSQL types of the task columns (arrays of them carry batched rows).
 COLUMN_TYPES = {
@@ -76,6 +91,7 @@ COLUMN_TYPES = {
     "owner": "text",
     "idempotency_key": "text",
     "request_id": "text",
+    "dispatcher_id": "text",
 }
 _BYTES = frozenset({"stdout", "stderr"})
 _INSERT_COLUMNS = queries.INSERT_COLUMNS[1:]  # queue_seq comes from the sequence
@@ -114,6 +130,44 @@ PRUNE_TASKS = (
     "WHERE status IN ('completed', 'failed', 'timed_out', 'cancelled') AND completed_at < $1 "
     "ORDER BY completed_at LIMIT $2 FOR UPDATE SKIP LOCKED) RETURNING id"
 )
+# -- federation (migration 002) --
+OWNED_RUNNING = f"{_SELECT_TASK} WHERE status = 'running' AND dispatcher_id = $1 ORDER BY queue_seq"
+REGISTER = (
+    "INSERT INTO dispatchers (id, instance, p2p_address, api_url, lease_until) "
+    "VALUES ($1, $2, $3, $4, clock_timestamp() + make_interval(secs => $5)) "
+    "ON CONFLICT (id) DO UPDATE SET instance = excluded.instance, "
+    "p2p_address = excluded.p2p_address, api_url = excluded.api_url, "
+    "started_at = clock_timestamp(), renewed_at = clock_timestamp(), "
+    "lease_until = excluded.lease_until, summary = NULL "
+    "WHERE dispatchers.instance = excluded.instance "
+    "OR dispatchers.lease_until < clock_timestamp() RETURNING id"
+)
+RENEW = (
+    "UPDATE dispatchers SET renewed_at = clock_timestamp(), "
+    "lease_until = clock_timestamp() + make_interval(secs => $3), summary = $4 "
+    "WHERE id = $1 AND instance = $2 RETURNING id"
+)
+RELEASE = (
+    "UPDATE dispatchers SET lease_until = clock_timestamp() - interval '1 second' "
+    "WHERE id = $1 AND instance = $2"
+)
+EXPIRED = (
+    "SELECT id FROM dispatchers WHERE lease_until < clock_timestamp() AND id <> $1 "
+    "FOR UPDATE SKIP LOCKED"
+)
+TAKE_OVER = (
+    "UPDATE tasks SET status = 'queued', dispatcher_id = NULL, not_before = $2 "
+    "WHERE status = 'running' AND dispatcher_id = $1 "
+    "RETURNING id, status, priority, queue_seq"
+)
+FORGET_DISPATCHER = "DELETE FROM dispatchers WHERE id = $1"
+LIVE_DISPATCHERS = (
+    "SELECT id, p2p_address, api_url, extract(epoch FROM started_at), "
+    "extract(epoch FROM clock_timestamp() - renewed_at), summary FROM dispatchers "
+    "WHERE lease_until >= clock_timestamp() ORDER BY id"
+)
+NOTIFY = "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p"
+
 _TOKEN_COLUMNS = "jti, subject, role, issued_at, expires_at, revoked_at"
 INSERT_TOKEN = f"INSERT INTO tokens ({_TOKEN_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)"
 INSERT_REVOCATION = (
@@ -193,12 +247,18 @@ class _Update:
     statuses: str | None  # the expected statuses, comma-separated ("" = none matches)
     attempts: int | None
     bump: int | None  # a new queue_seq (the sequence must stay ahead of it)
+    owner: str | None  # only if this dispatcher holds the run
 
 
-def _update(update: base.TaskUpdate) -> _Update:
-    """Checked in the caller, so a bad value fails there, not in the batch."""
-    columns = tuple(sorted(update.changes))
-    values = tuple(_column_value(c, update.changes[c]) for c in columns)
+def _update(update: base.TaskUpdate, owner: str) -> _Update:
+    """Checked in the caller, so a bad value fails there, not in the batch. A change of
+    status moves the run's ownership: to `owner` when it becomes running, else to none."""
+    changes = dict(update.changes)
+    if "status" in changes:
+        running = models.TaskStatus(changes["status"]) == models.TaskStatus.RUNNING
+        changes["dispatcher_id"] = owner if running else None
+    columns = tuple(sorted(changes))
+    values = tuple(_column_value(c, changes[c]) for c in columns)
     expected = update.expect_status
     if isinstance(expected, models.TaskStatus | str):
         expected = frozenset({models.TaskStatus(expected)})
@@ -206,7 +266,15 @@ def _update(update: base.TaskUpdate) -> _Update:
     if expected is not None:
         statuses = ",".join(sorted(models.TaskStatus(s).value for s in expected))
     bump = update.changes.get("queue_seq")
-    return _Update(columns, values, update.task_id, statuses, update.expect_attempts, bump)
+    return _Update(
+        columns,
+        values,
+        update.task_id,
+        statuses,
+        update.expect_attempts,
+        bump,
+        owner if update.owned else None,
+    )
 
 
 def _column_value(column: str, value: Any) -> Any:
@@ -219,22 +287,34 @@ def _column_value(column: str, value: Any) -> Any:
     return value
 
 
-def _update_sql(columns: tuple[str, ...]) -> str:
-    """Updates of one shape as one statement over arrays; returns the ids changed (or, with
-    no columns, the ids whose expectations hold)."""
-    names = [*(f"v_{c}" for c in columns), "x_id", "x_statuses", "x_attempts"]
-    types = [*(COLUMN_TYPES[c] for c in columns), "text", "text", "bigint"]
+@functools.lru_cache(maxsize=256)
+def _update_sql(columns: tuple[str, ...], skip_locked: bool = False) -> str:
+    """Updates of one shape as one statement over arrays; returns (id, status, priority,
+    queue_seq) of the tasks changed (or, with no columns, the ids whose expectations hold).
+    With `skip_locked`, a row another transaction holds is left alone (not waited for)."""
+    names = [*(f"v_{c}" for c in columns), "x_id", "x_statuses", "x_attempts", "x_owner"]
+    types = [*(COLUMN_TYPES[c] for c in columns), "text", "text", "bigint", "text"]
     arrays = ", ".join(f"${i}::{t}[]" for i, t in enumerate(types, 1))
     source = f"unnest({arrays}) AS v({', '.join(names)})"
     where = (
         "t.id = v.x_id AND (v.x_statuses IS NULL OR "
         "t.status = ANY(string_to_array(v.x_statuses, ','))) "
-        "AND (v.x_attempts IS NULL OR t.attempts = v.x_attempts)"
+        "AND (v.x_attempts IS NULL OR t.attempts = v.x_attempts) "
+        "AND (v.x_owner IS NULL OR t.dispatcher_id = v.x_owner)"
     )
     if not columns:
         return f"SELECT t.id FROM tasks t, {source} WHERE {where}"
     assignments = ", ".join(f"{c} = v.v_{c}" for c in columns)
-    return f"UPDATE tasks t SET {assignments} FROM {source} WHERE {where} RETURNING t.id"
+    returning = "RETURNING t.id, t.status, t.priority, t.queue_seq"
+    if not skip_locked:
+        return f"UPDATE tasks t SET {assignments} FROM {source} WHERE {where} {returning}"
+    n = len(types) - 3  # the ids' array
+    return (
+        f"WITH free AS (SELECT id FROM tasks WHERE id = ANY(${n}::text[]) "
+        "FOR UPDATE SKIP LOCKED) "
+        f"UPDATE tasks t SET {assignments} FROM {source}, free "
+        f"WHERE t.id = free.id AND {where} {returning}"
+    )
 
 
 def _task_values(task: models.Task) -> list[Any]:
@@ -262,15 +342,22 @@ class PostgresStore:
     """Tasks and tokens in a PostgreSQL database, durable when a write returns (the
     server's `synchronous_commit` decides how: its default waits for the WAL flush)."""
 
+    federated = True
+    """Several dispatchers may share this store (see the federation methods)."""
+
     def __init__(
         self,
         url: str,
         *,
         pool_size: int = POOL_SIZE,
         application_name: str = "octaskly-dispatcher",
+        owner: str = "dispatcher",
     ) -> None:
         self.url = url
         self.where = describe(url)
+        self.owner = owner
+        """This dispatcher's id among those sharing the database (its node name)."""
+        self._listening: asyncio.Task[None] | None = None
         self.commit_count = 0
         self.on_commit: Callable[[float], None] | None = None
         """Told the duration (seconds) of every committed transaction (metrics)."""
@@ -324,6 +411,9 @@ class PostgresStore:
             return
         self._state = "closing"
         self._wakeup.set()
+        if self._listening is not None:
+            self._listening.cancel()
+            await asyncio.gather(self._listening, return_exceptions=True)
         try:
             if self._writer is not None:
                 await asyncio.wait([self._writer])
@@ -355,14 +445,24 @@ class PostgresStore:
         if not updates:
             return []
         future = asyncio.get_running_loop().create_future()
-        self._submit(writing.Op(future, statements=[_update(u) for u in updates]))
+        self._submit(writing.Op(future, statements=[_update(u, self.owner) for u in updates]))
+        return cast(list[bool], await future)
+
+    async def claim(self, updates: Sequence[base.TaskUpdate]) -> list[bool]:
+        """`apply` with rows another dispatcher is claiming right now skipped (False)."""
+        self._ensure_writable()
+        if not updates:
+            return []
+        future = asyncio.get_running_loop().create_future()
+        statements = [_update(u, self.owner) for u in updates]
+        self._submit(writing.Op(future, statements=statements, skip_locked=True))
         return cast(list[bool], await future)
 
     def apply_soon(self, updates: Sequence[base.TaskUpdate]) -> None:
         """Queue updates behind every write already queued, without waiting for the commit."""
         self._ensure_writable()
         if updates:
-            self._submit(writing.Op(None, statements=[_update(u) for u in updates]))
+            self._submit(writing.Op(None, statements=[_update(u, self.owner) for u in updates]))
 
     async def prune_tasks(self, completed_before: float, *, batch: int = PRUNE_BATCH) -> int:
         """Delete finished tasks that completed before `completed_before`, oldest first, at
@@ -465,6 +565,9 @@ class PostgresStore:
                         await _run_group(conn, ops, _prune_all, _prune_all)
                     else:
                         await _run_group(conn, ops, _update_all, _update_all)
+                changes = [c for op in batch if op.error is None for c in op.changed]
+                if changes:  # delivered with the commit, never without it
+                    await conn.execute(NOTIFY, CHANNEL, notifications(self.owner, changes))
         except LINK_ERRORS as exc:
             error = storage_error(exc, self.where)
         if error is None:
@@ -477,6 +580,125 @@ class PostgresStore:
                 op.error = op.error or error
         for op in batch:
             writing.settle(op)
+
+    # -- federation -----------------------------------------------------------------------
+    async def register(
+        self, *, instance: str, p2p_address: str | None, api_url: str | None, lease: float
+    ) -> None:
+        """Take this dispatcher's place (its `owner` id) with a lease of `lease` seconds.
+        Refused while another live instance (a different data dir) holds the same id."""
+        rows = await self._read(REGISTER, self.owner, instance, p2p_address, api_url, lease)
+        if not rows:
+            raise errors.StorageError(
+                f"a dispatcher named {self.owner!r} is already running on PostgreSQL "
+                f"{self.where} (its lease is live); give each dispatcher its own node_name"
+            )
+
+    async def renew(self, *, instance: str, lease: float, summary: str) -> bool:
+        """Extend the lease; False if it was lost (it ran out and was taken over)."""
+        return bool(await self._read(RENEW, self.owner, instance, lease, summary))
+
+    async def release(self, *, instance: str) -> None:
+        """End the lease now (a clean stop): the others take over its runs at once."""
+        await self._read(RELEASE, self.owner, instance)
+
+    async def take_over_expired(self, *, not_before: float) -> dict[str, list[str]]:
+        """Re-queue the runs of every dispatcher whose lease ran out (they wait until
+        `not_before`, for their workers to come back and re-attach) and forget it; the ids
+        re-queued, by dispatcher."""
+        pool = self._pool
+        if pool is None or self._state != "open":
+            raise self._not_open()
+        taken: dict[str, list[str]] = {}
+        try:
+            async with pool.acquire() as conn, conn.transaction():
+                for (dead,) in await conn.fetch(EXPIRED, self.owner):
+                    rows = await conn.fetch(TAKE_OVER, dead, not_before)
+                    await conn.execute(FORGET_DISPATCHER, dead)
+                    taken[dead] = [r[0] for r in rows]
+                    changes = [(r[0], r[1], int(r[2]), int(r[3])) for r in rows]
+                    if changes:
+                        await conn.execute(NOTIFY, CHANNEL, notifications(self.owner, changes))
+        except LINK_ERRORS as exc:
+            raise storage_error(exc, self.where) from exc
+        return taken
+
+    async def owned_running_tasks(self) -> list[models.Task]:
+        """Running tasks this dispatcher (its earlier life, after a restart) holds."""
+        return [_task(r) for r in await self._read(OWNED_RUNNING, self.owner)]
+
+    async def dispatchers(self) -> list[dict[str, Any]]:
+        """The dispatchers with a live lease: id, addresses, age of the last renewal and
+        the summary each published."""
+        found = []
+        for did, p2p, api, started, silent, summary in await self._read(LIVE_DISPATCHERS):
+            found.append(
+                {
+                    "id": did,
+                    "p2p_address": p2p,
+                    "api_url": api,
+                    "started_at": float(started),
+                    "renewed_seconds_ago": round(float(silent), 3),
+                    "summary": json.loads(summary) if summary else None,
+                }
+            )
+        return found
+
+    def listen(
+        self, on_change: Callable[[dict[str, Any]], None], on_gap: Callable[[], None]
+    ) -> None:
+        """Hear the changes other dispatchers commit (LISTEN): `on_change(message)` for each
+        notification of theirs. When the listening connection was lost, what was said
+        meanwhile is gone: `on_gap()` is called once listening again (resynchronise)."""
+        self._listening = asyncio.get_running_loop().create_task(
+            self._listen_forever(on_change, on_gap), name="octaskly-store-listen"
+        )
+
+    async def _listen_forever(
+        self, on_change: Callable[[dict[str, Any]], None], on_gap: Callable[[], None]
+    ) -> None:
+        first, delay = True, 0.2
+
+        def heard(_conn: Any, _pid: int, _channel: str, payload: object) -> None:
+            try:
+                message = json.loads(str(payload))
+            except ValueError:
+                log.warning("ignored a malformed notification on %s", CHANNEL)
+                return
+            if isinstance(message, dict) and message.get("d") != self.owner:
+                on_change(message)
+
+        while self._state == "open":
+            conn: asyncpg.Connection[asyncpg.Record] | None = None
+            try:
+                conn = await asyncpg.connect(
+                    self.url,
+                    timeout=CONNECT_TIMEOUT,
+                    server_settings={"application_name": f"{self._application_name} listen"},
+                )
+                lost = asyncio.Event()
+                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
+                await conn.add_listener(CHANNEL, heard)
+                if not first:
+                    log.info("listening on %s again; resynchronising", self.where)
+                    on_gap()
+                first, delay = False, 0.2
+                while not lost.is_set():
+                    try:
+                        await asyncio.wait_for(lost.wait(), LISTEN_PING)
+                    except TimeoutError:
+                        await conn.execute("SELECT 1", timeout=LISTEN_PING)
+            except asyncio.CancelledError:
+                raise
+            except (*LINK_ERRORS, ValueError) as exc:
+                if self._state == "open":
+                    log.warning("listening on %s failed (%s); retrying", self.where, exc)
+                first = False
+            finally:
+                if conn is not None and not conn.is_closed():
+                    conn.terminate()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
     # -- reading --------------------------------------------------------------------------
     async def _read(self, sql: str, *args: Any) -> list[asyncpg.Record]:
@@ -587,6 +809,28 @@ class PostgresStore:
         return queries.token_from_row(tuple(rows[0])) if rows else None
 
 
+def notifications(owner: str, changes: Sequence[tuple[str, str, int, int]]) -> list[str]:
+    """Payloads telling the other dispatchers of `changes` (id, status, priority,
+    queue_seq): {"d": sender, "c": [[id, status code], …], "q": {priority: lowest
+    queue_seq that became queued}}, each within PostgreSQL's 8000-byte limit."""
+    payloads = []
+    for start in range(0, len(changes), NOTIFY_CHANGES):
+        chunk = changes[start : start + NOTIFY_CHANGES]
+        queued: dict[str, int] = {}
+        for _, status, priority, seq in chunk:
+            if status == "queued":
+                key = str(priority)
+                queued[key] = min(queued.get(key, seq), seq)
+        body: dict[str, Any] = {
+            "d": owner,
+            "c": [[i, _STATUS_CODE.get(st, "?")] for i, st, _, _ in chunk],
+        }
+        if queued:
+            body["q"] = queued
+        payloads.append(json.dumps(body, separators=(",", ":")))
+    return payloads
+
+
 # -- the writer's statements (inside the batch's transaction) --------------------------------
 _Run: TypeAlias = "Callable[[Conn, list[writing.Op]], Awaitable[None]]"
 
@@ -601,13 +845,13 @@ async def _run_group(conn: Conn, ops: list[writing.Op], run_all: _Run, run_one: 
             return
         except OP_ERRORS:
             for op in ops:
-                op.result = None
+                op.result, op.changed = None, []
     for op in ops:
         try:
             async with conn.transaction():
                 await run_one(conn, [op])
         except OP_ERRORS as exc:
-            op.result = None
+            op.result, op.changed = None, []
             op.error = await _op_error(conn, op, exc)
 
 
@@ -617,6 +861,10 @@ async def _insert_all(conn: Conn, ops: list[writing.Op]) -> None:
     seqs = {r[0]: int(r[1]) for r in await conn.fetch(INSERT_TASKS, *columns)}
     for op in ops:
         op.result = [seqs[t.id] for t in op.tasks]
+        op.changed = [
+            (t.id, models.TaskStatus(t.status).value, int(t.spec.priority), seqs[t.id])
+            for t in op.tasks
+        ]
 
 
 async def _insert_one(conn: Conn, ops: list[writing.Op]) -> None:
@@ -649,18 +897,20 @@ async def _update_all(conn: Conn, ops: list[writing.Op]) -> None:
                 and update.task_id not in ids
             )
             if not joins:
-                await _run_updates(conn, run)
+                await _run_updates(conn, run, op.skip_locked)
                 run, ids = [], set()
             run.append((op, i, update))
             ids.add(update.task_id)
             if update.bump is not None:
-                await _run_updates(conn, run)
+                await _run_updates(conn, run, op.skip_locked)
                 await conn.execute(BUMP_SEQ, update.bump)
                 run, ids = [], set()
-    await _run_updates(conn, run)
+    await _run_updates(conn, run, bool(ops) and ops[0].skip_locked)
 
 
-async def _run_updates(conn: Conn, run: list[tuple[writing.Op, int, _Update]]) -> None:
+async def _run_updates(
+    conn: Conn, run: list[tuple[writing.Op, int, _Update]], skip_locked: bool = False
+) -> None:
     if not run:
         return
     updates = [u for _, _, u in run]
@@ -672,9 +922,14 @@ async def _run_updates(conn: Conn, run: list[tuple[writing.Op, int, _Update]]) -
         [u.statuses for u in updates],
         [u.attempts for u in updates],
     ]
-    changed = {r[0] for r in await conn.fetch(_update_sql(updates[0].columns), *arrays)}
+    arrays.append([u.owner for u in updates])
+    sql = _update_sql(updates[0].columns, skip_locked and bool(updates[0].columns))
+    rows = {r[0]: r for r in await conn.fetch(sql, *arrays)}
     for op, i, update in run:
-        op.result[i] = update.task_id in changed
+        row = rows.get(update.task_id)
+        op.result[i] = row is not None
+        if row is not None and len(row) == 4:
+            op.changed.append((row[0], row[1], int(row[2]), int(row[3])))
 
 
 async def _op_error(conn: Conn, op: writing.Op, exc: BaseException) -> BaseException:

@@ -199,6 +199,10 @@ class SQLiteStore:
         """Return once every write queued before this call is committed (or failed)."""
         await self._write_plain([], tokens=[])
 
+    async def claim(self, updates: Sequence[base.TaskUpdate]) -> list[bool]:
+        """`apply`: this database has one dispatcher, nobody else claims."""
+        return await self.apply(updates)
+
     async def record_token(self, record: base.TokenRecord) -> None:
         await self._write_plain(
             [(queries.INSERT_TOKEN, queries.token_row(record))], tokens=[record.jti]

@@ -62,6 +62,11 @@ class Op:
     """A primary's change for a standby to apply as it is."""
     prune: tuple[float, int] | None = None
     """Delete up to [1] finished tasks that completed before [0]; the result is their ids."""
+    skip_locked: bool = False
+    """Claims on a shared database: skip rows another dispatcher holds (PostgreSQL)."""
+    changed: list[tuple[str, str, int, int]] = dataclasses.field(default_factory=list)
+    """(id, status, priority, queue_seq) of the tasks it changed (PostgreSQL, to tell the
+    other dispatchers)."""
     result: Any = None
     error: BaseException | None = None
 
@@ -75,6 +80,8 @@ class Op:
             return "replica"
         if self.prune is not None:
             return "prune"
+        if self.skip_locked:
+            return "claim"
         return "insert" if self.rows else "plain" if self.plain else "update"
 
 
