@@ -251,6 +251,36 @@ def build_parser() -> argparse.ArgumentParser:
     loading.add_flags(p, ["data_dir", "db_path", *COMMON_KEYS])
     p.set_defaults(kind="restore")
 
+    p = sub.add_parser(
+        "migrate",
+        help="Move an installation from its SQLite file to PostgreSQL and verify the copy",
+    )
+    p.add_argument(
+        "--from",
+        dest="source",
+        metavar="sqlite:PATH",
+        help="the SQLite database (default: the configured one, <data dir>/octaskly.db)",
+    )
+    p.add_argument(
+        "--to",
+        dest="target",
+        metavar="postgresql://…",
+        help="the PostgreSQL database (default: db_url / $OCTASKLY_DB_URL; the variable "
+        "keeps the password out of the process list)",
+    )
+    p.add_argument(
+        "--audit-log",
+        metavar="FILE",
+        help="audit log to bring along (default <data dir>/logs/audit.log)",
+    )
+    p.add_argument("--no-audit", action="store_true", help="leave the audit log behind")
+    p.add_argument(
+        "--replace", action="store_true", help="delete octaskly data already in the target"
+    )
+    _with_config(p)
+    loading.add_flags(p, ["data_dir", "db_url", "secret_key", "secret_key_file", *COMMON_KEYS])
+    p.set_defaults(kind="migrate")
+
     p = sub.add_parser("audit", help="Check the audit log")
     asub = p.add_subparsers(dest="audit_command", metavar="ACTION", parser_class=_Parser)
     asub.required = True
@@ -376,6 +406,42 @@ def _audit_verify(args: argparse.Namespace) -> int:
     return 1
 
 
+def _migrate(args: argparse.Namespace) -> int:
+    from octaskly.cli import migrate_cmd, tokens_cmd
+    from octaskly.services import auditing
+    from octaskly.store import postgres
+
+    settings = _load(args).settings
+    source = migrate_cmd.parse_source(args.source) if args.source else settings.db_file()
+    url = args.target or settings.storage.db_url
+    if url is None:
+        raise errors.ConfigError("say where to: --to postgresql://… or OCTASKLY_DB_URL")
+    if not url.startswith("postgresql://"):
+        raise errors.ConfigError("--to must be a postgresql:// URL")
+    audit_log = None
+    if not args.no_audit:
+        audit_log = Path(args.audit_log) if args.audit_log else settings.data_dir() / auditing.FILE
+    secret = tokens_cmd.local_secret(settings)
+    secrets = settings.secret_keys() or ([secret] if secret is not None else [])
+    report = asyncio.run(
+        migrate_cmd.migrate(source, url, audit_log=audit_log, secrets=secrets, replace=args.replace)
+    )
+    where = postgres.describe(url)
+    counts = ", ".join(f"{n} {s}" for s, n in report.tasks.items() if n)
+    print(f"copied {sum(report.tasks.values())} tasks from {source} to PostgreSQL {where}: "
+          f"{counts or 'none'} (counts checked on both sides)")  # fmt: skip
+    if report.requeued:
+        print(f"{report.requeued} running tasks are queued there; their workers re-attach "
+              "them when they connect to a dispatcher on PostgreSQL")  # fmt: skip
+    print(f"copied {report.tokens} tokens ({report.revoked} revoked)")
+    if report.audit_entries is not None:
+        print(f"copied the audit chain of {audit_log}: {report.audit_entries} entries, "
+              "verified again from PostgreSQL with the cluster key")  # fmt: skip
+    print("next: start the dispatchers with OCTASKLY_DB_URL set (and workers with all their "
+          "addresses); keep the SQLite file until you are satisfied")  # fmt: skip
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.kind.startswith("config-"):
         return _config_command(args)
@@ -383,6 +449,8 @@ def _run(args: argparse.Namespace) -> int:
         return _audit_verify(args)
     if args.kind in ("backup", "restore"):
         return _backup_or_restore(args)
+    if args.kind == "migrate":
+        return _migrate(args)
     if args.kind in ("client", "token"):
         from octaskly.cli import tokens_cmd
 

@@ -281,6 +281,11 @@ class Dispatcher:
         if self._tokens_reload is not None:
             self._tokens_reload.cancel()
         await self.ha.stop()
+        # Runs stay `running` in the database: their workers report them to whichever
+        # dispatcher they reach next (this one restarted, another member of a federation)
+        # and re-attach them; re-queueing them here would let another worker start them
+        # while the first still runs them.
+        self._stepping_down = True
         await self.peers.close_all()
         await self.federation.stop()
         await self.store.close()

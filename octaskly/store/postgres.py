@@ -623,6 +623,69 @@ class PostgresStore:
             raise storage_error(exc, self.where) from exc
         return taken
 
+    # -- migration from SQLite (octaskly migrate) -------------------------------------------
+    async def is_empty(self) -> bool:
+        """No task, token or archived audit chain yet."""
+        rows = await self._read(
+            "SELECT (SELECT count(*) FROM tasks) + (SELECT count(*) FROM tokens) "
+            "+ (SELECT count(*) FROM audit_archive)"
+        )
+        return int(rows[0][0]) == 0
+
+    async def wipe(self) -> None:
+        """Delete every task, token and archived audit chain (`migrate --replace`)."""
+        await self._read("TRUNCATE tasks, tokens, audit_archive, audit_archive_heads")
+
+    async def import_tokens(self, records: Sequence[base.TokenRecord]) -> None:
+        """Insert tokens and revocations as they are, in one transaction."""
+        pool = self._pool
+        if pool is None or self._state != "open":
+            raise self._not_open()
+        try:
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.executemany(INSERT_TOKEN, [queries.token_row(r) for r in records])
+        except LINK_ERRORS as exc:
+            raise storage_error(exc, self.where) from exc
+
+    async def count_tokens(self) -> tuple[int, int]:
+        """(tokens, of which revoked)."""
+        rows = await self._read("SELECT count(*), count(revoked_at) FROM tokens")
+        return int(rows[0][0]), int(rows[0][1])
+
+    async def archive_audit(self, source: str, lines: Sequence[str], head: str) -> None:
+        """Keep an audit chain's lines and head (one transaction)."""
+        pool = self._pool
+        if pool is None or self._state != "open":
+            raise self._not_open()
+        try:
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.execute("DELETE FROM audit_archive WHERE source = $1", source)
+                await conn.copy_records_to_table(
+                    "audit_archive",
+                    records=[(source, i, line) for i, line in enumerate(lines, 1)],
+                    columns=["source", "line_no", "line"],
+                )
+                await conn.execute(
+                    "INSERT INTO audit_archive_heads (source, head) VALUES ($1, $2) "
+                    "ON CONFLICT (source) DO UPDATE SET head = excluded.head, "
+                    "archived_at = clock_timestamp()",
+                    source,
+                    head,
+                )
+        except LINK_ERRORS as exc:
+            raise storage_error(exc, self.where) from exc
+
+    async def archived_audit(self, source: str) -> tuple[list[str], str | None]:
+        """An archived chain's lines, in order, and its head."""
+        lines = [
+            str(r[0])
+            for r in await self._read(
+                "SELECT line FROM audit_archive WHERE source = $1 ORDER BY line_no", source
+            )
+        ]
+        heads = await self._read("SELECT head FROM audit_archive_heads WHERE source = $1", source)
+        return lines, (str(heads[0][0]) if heads else None)
+
     async def owned_running_tasks(self) -> list[models.Task]:
         """Running tasks this dispatcher (its earlier life, after a restart) holds."""
         return [_task(r) for r in await self._read(OWNED_RUNNING, self.owner)]

@@ -75,11 +75,17 @@ def _base(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}"
 
 
-def http(method: str, url: str, body: Any = None, token: str | None = None) -> tuple[int, Any]:
+def http(
+    method: str,
+    url: str,
+    body: Any = None,
+    token: str | None = None,
+    extra_headers: dict[str, str] | None = None,
+) -> tuple[int, Any]:
     """A JSON request; with the admin token of that dispatcher unless `token` is given
     ("" sends none)."""
     data = None if body is None else json.dumps(body).encode()
-    headers = {"Content-Type": "application/json"}
+    headers = {"Content-Type": "application/json", **(extra_headers or {})}
     token = TOKENS.get(_base(url)) if token is None else token
     if token:
         headers["Authorization"] = f"Bearer {token}"

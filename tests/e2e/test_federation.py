@@ -227,3 +227,39 @@ async def test_three_dispatchers_share_the_work_and_survive_a_kill_9(
         ]
         print(f"{len(taken)} take-over lines in the survivors' logs")
         assert taken
+
+        await _cancel_through_another(members, clients.alive, survivor, side)
+
+
+async def _cancel_through_another(
+    members: list[Member], alive: set[str], survivor: Member, side: Path
+) -> None:
+    """Cancel through a dispatcher that does not run the task: its worker stops it."""
+    workers = _get(survivor.api, "/api/v1/workers")["workers"]
+    owner_of = {w["name"]: w["dispatcher"] for w in workers}
+    status, long_task = procs.http(
+        "POST", f"{survivor.api}/api/v1/tasks", {"command": RUN.format(file=side, seconds=30)}
+    )
+    assert status == 201
+
+    def running() -> Any:
+        t = _get(survivor.api, f"/api/v1/tasks/{long_task['id']}")
+        return t if t["status"] == "running" else None
+
+    run = await asyncio.to_thread(procs.wait_for, running, timeout=20, what="the long task")
+    runner = next(m for m in members if m.name == owner_of[run["worker_id"]])
+    other = next(m for m in members if m.name in alive and m is not runner)
+    asked = time.monotonic()
+    assert procs.http("DELETE", f"{other.api}/api/v1/tasks/{long_task['id']}")[0] == 200
+
+    def stopped() -> Any:
+        lines = [ln for ln in side.read_text().splitlines() if ln.startswith(long_task["id"])]
+        return lines if any(" end " in ln for ln in lines) else None
+
+    await asyncio.to_thread(procs.wait_for, stopped, timeout=15, what="the run stopped")
+    final = _get(runner.api, f"/api/v1/tasks/{long_task['id']}")
+    print(
+        f"a task running on {runner.name}'s worker, cancelled through {other.name}: its run "
+        f"stopped {time.monotonic() - asked:.1f}s later; {runner.name} says {final['status']}"
+    )
+    assert final["status"] == "cancelled"
