@@ -47,9 +47,16 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-## test: lint, then the whole test suite in parallel
+## test: lint, then the whole test suite in parallel (SQLite, the default store), then
+## the core, reliability and security suites again with every dispatcher on PostgreSQL
+PG_SUITES = tests/integration/test_api.py tests/integration/test_api_auth.py \
+	tests/integration/test_cluster.py tests/integration/test_peering.py \
+	tests/integration/test_events.py tests/integration/test_key_rotation.py \
+	tests/e2e/test_secure_transport.py tests/reliability/test_crash.py \
+	tests/reliability/test_worker_faults.py tests/reliability/test_api_schema.py
 test: lint
 	$(BIN)/pytest -n 4 --durations=15
+	OCTASKLY_TEST_STORE=postgresql $(BIN)/pytest -n 4 --durations=5 $(PG_SUITES)
 
 unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit

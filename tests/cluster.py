@@ -19,9 +19,11 @@ from octaskly.api import app as api_app
 from octaskly.domain import models
 from octaskly.services import dispatcher as dispatching
 from octaskly.services import worker as working
-from octaskly.store import sqlite
+from octaskly.store import base as store_base
+from octaskly.store import postgres, sqlite
 from octaskly.transport import p2p as p2p_transport
 from octaskly.transport import tls
+from tests import pg
 
 SECRET = b"integration-test-secret-key"
 
@@ -134,7 +136,11 @@ async def running_cluster(
         audit_path=tmp / "logs" / "audit.log",
         **{"keepalive_interval": 0.2, "connection_timeout": 2.0, **option_overrides},
     )
-    store = sqlite.SQLiteStore(tmp / "octaskly.db")
+    store: store_base.Store = (
+        postgres.PostgresStore(pg.database_for(str(tmp)), owner="test")
+        if pg.STORE == "postgresql"
+        else sqlite.SQLiteStore(tmp / "octaskly.db")
+    )
     dispatcher = dispatching.Dispatcher(options=options, store=store)
     await dispatcher.start()
     identity = tls.load_or_create(tmp / "tls")

@@ -28,8 +28,7 @@ async def _no_leaked_tasks() -> AsyncIterator[None]:
 @pytest.fixture(scope="session")
 def pg_cluster() -> Iterator[pg.Cluster]:
     """A throwaway PostgreSQL cluster for this test process (see tests/pg.py)."""
-    with pg.cluster() as cluster:
-        yield cluster
+    yield pg.shared()
 
 
 @pytest.fixture

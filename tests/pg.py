@@ -9,6 +9,8 @@ package creates, and its commands run through `runuser`.
 
 from __future__ import annotations
 
+import atexit
+import concurrent.futures
 import contextlib
 import glob
 import os
@@ -17,6 +19,7 @@ import secrets
 import shutil
 import subprocess
 import tempfile
+import threading
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -150,3 +153,54 @@ def cluster(*, durable: bool = False) -> Iterator[Cluster]:
         yield c.start()
     finally:
         c.stop()
+
+
+# -- the store under test -------------------------------------------------------------------
+STORE = os.environ.get("OCTASKLY_TEST_STORE", "sqlite")
+"""`postgresql`: the suites that run against either store (`make test` runs the core,
+reliability and security ones a second time this way) give every dispatcher a database
+in this process's throwaway cluster instead of its SQLite file."""
+if STORE not in ("sqlite", "postgresql"):
+    raise RuntimeError(f"OCTASKLY_TEST_STORE must be sqlite or postgresql, not {STORE!r}")
+
+_shared: Cluster | None = None
+_databases: dict[str, str] = {}
+_lock = threading.Lock()
+
+
+def shared() -> Cluster:
+    """This process's cluster (started on first use, removed at exit)."""
+    global _shared
+    with _lock:
+        if _shared is None:
+            _shared = Cluster().start()
+            atexit.register(_shared.stop)
+        return _shared
+
+
+def database_for(key: str) -> str:
+    """The URL of the database that stands for `key` (a data dir, a db path): made on
+    first use, the same one after (a restarted dispatcher finds its data)."""
+    cluster = shared()
+    with _lock:
+        url = _databases.get(key)
+        if url is None:
+            url = _databases[key] = cluster.create_database()
+        return url
+
+
+def fetch(url: str, sql: str) -> list[tuple[object, ...]]:
+    """Rows of one query (for synchronous test code)."""
+    import asyncio
+
+    import asyncpg
+
+    async def go() -> list[tuple[object, ...]]:
+        conn = await asyncpg.connect(url)
+        try:
+            return [tuple(r) for r in await conn.fetch(sql)]
+        finally:
+            await conn.close()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, go()).result()

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from octaskly import testing
+from tests import pg
 
 OCTASKLY = [sys.executable, "-m", "octaskly"]
 SECRET = "e2e-test-secret-key-0123456789"
@@ -32,14 +33,38 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def with_store(
+    args: Sequence[str], cwd: Path, env: dict[str, str]
+) -> tuple[list[str], dict[str, str]]:
+    """With OCTASKLY_TEST_STORE=postgresql a dispatcher gets a PostgreSQL database instead
+    of its SQLite file: the one that stands for its --db-path, else its --data-dir (so a
+    restart with the same arguments finds its data)."""
+    args = list(args)
+    if pg.STORE != "postgresql" or not args or args[0] != "dispatcher":
+        return args, env
+    if "OCTASKLY_DB_URL" in env:
+        return args, env
+    if "--db-path" in args:
+        at = args.index("--db-path")
+        key = args[at + 1]
+        del args[at : at + 2]
+    elif "--data-dir" in args:
+        key = args[args.index("--data-dir") + 1]
+    else:
+        key = str(cwd)
+    url = pg.database_for(str((cwd / key).resolve()))
+    return args, {**env, "OCTASKLY_DB_URL": url}
+
+
 def start(
     args: Sequence[str], *, cwd: Path, env: dict[str, str] | None = None, log: Path | None = None
 ) -> subprocess.Popen[bytes]:
+    args, env = with_store(args, cwd, env or clean_env())
     with open(log or cwd / f"{args[0]}-{time.monotonic_ns()}.log", "wb") as out:
         return subprocess.Popen(
             [*OCTASKLY, *args],
             cwd=cwd,
-            env=env or clean_env(),
+            env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from octaskly.domain import models
+from tests import pg
 from tests.cluster import Cluster, running_cluster
 
 
@@ -178,7 +179,10 @@ async def test_health_ready_stats_openapi(cluster: Cluster) -> None:
     assert status == 200 and ready["role"] == "primary"
     status, stats = await cluster.api("GET", "/api/v1/stats")
     assert status == 200
-    assert set(stats) == {"workers", "tasks", "queue", "throughput", "system", "database", "ha"}
+    sections = {"workers", "tasks", "queue", "throughput", "system", "database", "ha"}
+    if pg.STORE == "postgresql":  # a dispatcher on PostgreSQL is a member of a federation
+        sections.add("federation")
+    assert set(stats) == sections
     assert stats["ha"]["role"] == "primary" and stats["ha"]["degraded"] is None
     assert set(stats["tasks"]) == {
         "queued",

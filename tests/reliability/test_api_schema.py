@@ -51,6 +51,7 @@ import pytest
 import schemathesis
 
 from octaskly.api import openapi
+from tests import pg
 from tests.e2e import procs
 
 EXAMPLES_PER_OPERATION = 150
@@ -174,7 +175,15 @@ def test_every_operation_conforms_to_the_served_document(
 
 def _call(case: schemathesis.Case, dispatcher: dict[str, Any]) -> Any:
     headers = {"Authorization": f"Bearer {dispatcher['token']}"}
-    response = case.call_and_validate(base_url=dispatcher["api"], headers=headers, timeout=10)
+    excluded = []
+    if pg.STORE == "postgresql" and case.path == "/api/v1/backup":
+        # a dispatcher on PostgreSQL cannot make SQLite backups: a documented 501 (pg_dump)
+        excluded = [schemathesis.checks.not_a_server_error]
+    response = case.call_and_validate(
+        base_url=dispatcher["api"], headers=headers, timeout=10, excluded_checks=excluded
+    )
+    if excluded:
+        assert response.status_code < 500 or response.status_code == 501, response.status_code
     STATS[(f"{case.method} {case.path}", response.status_code)] += 1
     return response
 

@@ -55,6 +55,7 @@ from http import client as http_client
 from pathlib import Path
 from typing import Any
 
+from tests import pg
 from tests.e2e import procs
 from tests.e2e.procs import SECRET, free_port, http, start, wait_for, wait_healthy
 
@@ -234,7 +235,26 @@ class Row:
 
 
 def _database(path: Path) -> tuple[str, dict[str, Row]]:
-    """`PRAGMA integrity_check` of the database file and its tasks (opened read-only)."""
+    """`PRAGMA integrity_check` of the database file and its tasks (opened read-only);
+    on PostgreSQL (OCTASKLY_TEST_STORE), amcheck's check of every index and the tasks."""
+    if pg.STORE == "postgresql":
+        url = pg.database_for(str(path.parent.resolve()))
+        pg.fetch(url, "CREATE EXTENSION IF NOT EXISTS amcheck")
+        checked = pg.fetch(
+            url,
+            "SELECT count(bt_index_check(c.oid, true)) FROM pg_class c "
+            "JOIN pg_am a ON a.oid = c.relam WHERE c.relkind = 'i' AND a.amname = 'btree' "
+            "AND c.relnamespace = 'public'::regnamespace",
+        )
+        rows = pg.fetch(
+            url,
+            "SELECT id, status, exit_code, started_at, completed_at, attempts, command,"
+            " created_at FROM tasks",
+        )
+        return (
+            "ok" if checked[0][0] else "no index checked",
+            {str(r[0]): Row(*r) for r in rows},  # type: ignore[arg-type]
+        )
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     with contextlib.closing(db):
         integrity = "; ".join(r[0] for r in db.execute("PRAGMA integrity_check"))
