@@ -320,6 +320,11 @@ ENV_ERRORS = [
      "OCTASKLY_TASK_RETENTION_HOURS=nan: expected a finite number"),
     ({"OCTASKLY_TASK_RETENTION_HOURS": "1e9"},
      "OCTASKLY_TASK_RETENTION_HOURS=1e9: must be between 0 and 87600"),
+    ({"OCTASKLY_LEASE_SECONDS": "2"}, "OCTASKLY_LEASE_SECONDS=2: must be between 3 and 600"),
+    ({"OCTASKLY_LEASE_SECONDS": "inf"}, "OCTASKLY_LEASE_SECONDS=inf: expected a finite number"),
+    ({"OCTASKLY_LEASE_SECONDS": "soon"}, "OCTASKLY_LEASE_SECONDS=soon: expected a number"),
+    ({"OCTASKLY_DB_URL": "postgres://x@y/z"},
+     "OCTASKLY_DB_URL=postgres://x@y/z: must start with postgresql"),
 ]  # fmt: skip
 
 
@@ -344,6 +349,9 @@ FLAG_ERRORS = [
     ({"task_retention_hours": "NaN"}, "--task-retention-hours=NaN: expected a finite number"),
     ({"task_retention_hours": "99999"},
      "--task-retention-hours=99999: must be between 0 and 87600"),
+    ({"lease_seconds": "601"}, "--lease-seconds=601: must be between 3 and 600"),
+    ({"lease_seconds": "-5"}, "--lease-seconds=-5: must be between 3 and 600"),
+    ({"db_url": "file:///etc/passwd"}, "--db-url=file:///etc/passwd: must start with postgresql"),
 ]  # fmt: skip
 
 
