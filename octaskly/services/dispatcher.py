@@ -613,6 +613,7 @@ class Dispatcher:
                         "not_before": None,
                     },
                     expect_status=QUEUED,
+                    expect_attempts=task.attempts,  # (another dispatcher may have run it)
                 )
             )
             sends.append((a.worker_id, task, attempt))
