@@ -30,14 +30,20 @@ class TaskQueue:
         self._delayed: list[tuple[float, int, Ref]] = []
         self._live: dict[str, Ref] = {}
         self._parked: dict[str, tuple[Ref, str]] = {}
+        self._rewound: dict[models.Priority, int] = {}
 
     # -- adding ---------------------------------------------------------------
     def push_new(self, ref: Ref) -> None:
-        """A task just committed as queued (its queue_seq is newer than any before)."""
+        """A task just committed as queued (its queue_seq is newer than any this dispatcher
+        made before; with several dispatchers on one database, not necessarily newer than
+        rows already read: the others' commits interleave)."""
         p = ref.priority
         self._pushes[p] += 1
         if self._on_disk[p] or len(self._fifo[p]) >= self.window:
             self._on_disk[p] = True  # it will be read back from disk in order
+            # (from before it: the cursor may be past it already, after another
+            # dispatcher's later rows that committed first)
+            self._cursor[p] = min(self._cursor[p], ref.queue_seq - 1)
             return
         self._insert(ref)
         self._cursor[p] = max(self._cursor[p], ref.queue_seq)
@@ -65,8 +71,11 @@ class TaskQueue:
 
     def rewind(self, priority: models.Priority, after_queue_seq: int) -> None:
         """Tasks from `after_queue_seq` on may have become queued behind the window's back
-        (another dispatcher queued them): read from there again at the next refill."""
-        self._cursor[priority] = min(self._cursor[priority], max(0, after_queue_seq))
+        (another dispatcher queued them): read from there again at the next refill (also
+        when a refill is reading right now: it must not move the cursor past this)."""
+        after = max(0, after_queue_seq)
+        self._cursor[priority] = min(self._cursor[priority], after)
+        self._rewound[priority] = min(self._rewound.get(priority, after), after)
         self._on_disk[priority] = True
         self._pushes[priority] += 1
 
@@ -98,6 +107,9 @@ class TaskQueue:
                 self._insert(ref)
         if count < limit and self._pushes[priority] == pushes:
             self._on_disk[priority] = False
+        rewound = self._rewound.pop(priority, None)
+        if rewound is not None:  # a rewind came while the rows were read: honour it
+            self._cursor[priority] = min(self._cursor[priority], rewound)
 
     # -- taking ---------------------------------------------------------------
     def release_due(self, now: float) -> float | None:

@@ -207,22 +207,26 @@ class Federation:
         taken = await self.store.take_over_expired(not_before=grace)
         for dead, ids in taken.items():
             self.taken_over += len(ids)
-            log.warning(
-                "dispatcher %r stopped renewing its lease: re-queued the %d tasks it ran "
-                "(their workers have %gs to re-attach them)",
-                dead,
-                len(ids),
-                2 * self.d.options.keepalive_interval,
-            )
+            if ids:
+                log.warning(
+                    "dispatcher %r left (its lease ended): re-queued the %d tasks it still "
+                    "held (their workers have %gs to re-attach them)",
+                    dead,
+                    len(ids),
+                    2 * self.d.options.keepalive_interval,
+                )
+            else:
+                log.info("dispatcher %r left (its lease ended) holding no runs", dead)
             self.d.audit.record(
                 "dispatcher_taken_over",
                 action="take-over",
-                severity="warning",
+                severity="warning" if ids else "info",
                 actor=self.name,
                 details={"dispatcher": dead, "requeued": len(ids)},
             )
-        if taken:
-            self.on_gap()
+        # Read the queue from its start now and then (and after a take-over): whatever a
+        # missed or mis-ordered notification hid is found within one lease/3.
+        self.on_gap(notify=False)
         counts = await self.d.store.count_by_status()
         self.d.queued_count = counts[models.TaskStatus.QUEUED] + counts[models.TaskStatus.RUNNING]
 
@@ -285,9 +289,11 @@ class Federation:
             d.end_run(run)
             d.peers.send_cancel(run.worker_id, task_id, run.attempt)
 
-    def on_gap(self) -> None:
-        """Notifications may have been missed: read the queue again from its start."""
+    def on_gap(self, *, notify: bool = True) -> None:
+        """Notifications may have been missed: read the queue again from its start (and
+        wake every follower to look at its task again)."""
         for priority in models.Priority:
             self.d.queue.rewind(priority, 0)
-        self.d.watchers.notify_all()
+        if notify:
+            self.d.watchers.notify_all()
         self.d.wake()

@@ -670,8 +670,10 @@ class Worker:
                 self._check_newer(addr, message.role, message.term)
 
     def _check_newer(self, addr: str, role: str, term: int) -> None:
-        """A dispatcher we witness for is primary of a newer term: work for it now."""
-        if role == "primary" and term > self.term:
+        """A dispatcher we witness for is primary of a newer term: work for it now. (Not
+        before our own first welcome: a witness session answering first must not pick the
+        dispatcher for us — with several active dispatchers every one is "primary".)"""
+        if role == "primary" and term > self.term and self.term > 0:
             log.warning("dispatcher %s is primary of term %d: moving there", addr, term)
             self._see_term(term, addr)
             self._preferred = addr

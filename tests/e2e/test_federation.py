@@ -223,7 +223,7 @@ async def test_three_dispatchers_share_the_work_and_survive_a_kill_9(
             for m in members
             if m is not victim
             for line in m.log.read_text().splitlines()
-            if "took over task" in line or "stopped renewing" in line
+            if "took over task" in line or "left (its lease ended)" in line
         ]
         print(f"{len(taken)} take-over lines in the survivors' logs")
         assert taken

@@ -148,3 +148,40 @@ def test_candidates_limit_per_priority() -> None:
     got = q.candidates(5)
     assert [r.queue_seq for r in got[Priority.HIGH]] == [1, 3, 5, 7, 9]
     assert [r.queue_seq for r in got[Priority.LOW]] == [2, 4, 6, 8, 10]
+
+
+def _refill_from(q: queueing.TaskQueue, disk: list[scheduling.Candidate], limit: int) -> None:
+    """One refill of NORMAL from `disk` (the queued rows, in queue_seq order)."""
+    after, pushes = q.refill_cursor(Priority.NORMAL)
+    rows = [r for r in disk if r.queue_seq > after][:limit]
+    q.refill(Priority.NORMAL, rows, limit=limit, pushes=pushes, now=0.0)
+
+
+def test_own_tasks_behind_rows_already_read_are_not_lost() -> None:
+    """Several dispatchers on one database: another one's rows 4-6 committed first and were
+    read; this dispatcher's own batch 1-3 then commits while its window is full. The batch
+    must be read back (it was lost: the cursor stayed at 6 and nothing rewound it)."""
+    q = queueing.TaskQueue(window=4)
+    disk = [ref(4), ref(5), ref(6), ref(7), ref(8)]
+    _refill_from(q, disk, limit=4)  # reads 4-7; the disk has more
+    assert ids(q) == ["t4", "t5", "t6", "t7"]
+    own = [ref(1), ref(2), ref(3)]
+    disk = sorted(own + disk, key=lambda r: r.queue_seq)
+    for r in own:
+        q.push_new(r)  # the window is full: to be read back from disk
+    for task_id in ("t4", "t5", "t6", "t7"):
+        q.remove(task_id)  # assigned
+    _refill_from(q, [r for r in disk if r.id not in {"t4", "t5", "t6", "t7"}], limit=4)
+    assert ids(q) == ["t1", "t2", "t3", "t8"]
+
+
+def test_a_rewind_during_a_refill_is_not_overwritten() -> None:
+    q = queueing.TaskQueue(window=4)
+    _after, pushes = q.refill_cursor(Priority.NORMAL)  # a read starts at 0 …
+    q.rewind(Priority.NORMAL, 1)  # … another dispatcher queued seq 2 meanwhile …
+    q.refill(Priority.NORMAL, [ref(5), ref(6)], limit=4, pushes=pushes, now=0.0)
+    assert q.refill_cursor(Priority.NORMAL)[0] == 1  # … so the next read starts before it
+    q.remove("t5")  # the window drains below half: refill time
+    assert q.needs_refill(Priority.NORMAL)
+    _refill_from(q, [ref(2), ref(6)], limit=4)
+    assert ids(q) == ["t2", "t6"]
