@@ -11,6 +11,10 @@
    `currentPrimary`, `term` and `lastFailover` in the status, with Events.
 
 A returning old primary finds the newer term on its own and rejoins as standby.
+
+None of this happens in database mode (`spec.database`): all dispatchers are active, a
+dead one's runs move to the others when its lease in the database runs out, and
+PostgreSQL's own replication carries durability.
 """
 
 from __future__ import annotations
@@ -99,7 +103,10 @@ def _take_lease(k: kube.Kube, c: model.Cluster, holder: str) -> int:
 def promote(
     k: kube.Kube, c: model.Cluster, obj: dict[str, Any], standby: dict[str, Any], lost: float
 ) -> dict[str, Any] | None:
-    """Promote the standby pod; the status fields to record, or None if it did not happen."""
+    """Promote the standby pod; the status fields to record, or None if it did not happen.
+    Never in database mode: there is no standby (every dispatcher is active)."""
+    if c.database is not None:
+        return None
     name = standby["metadata"]["name"]
     ip = (standby.get("status") or {}).get("podIP")
     if not ip:

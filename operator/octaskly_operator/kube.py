@@ -78,6 +78,19 @@ class Kube:
             raise
         return True
 
+    def patch(
+        self, api_version: str, kind: str, name: str, namespace: str, body: dict[str, Any]
+    ) -> dict[str, Any]:
+        """A JSON merge patch (lists are replaced whole; a metadata.resourceVersion in the
+        body makes it conditional: 409 if the object changed)."""
+        result = self._resource(api_version, kind).patch(
+            body=body,
+            name=name,
+            namespace=namespace,
+            content_type="application/merge-patch+json",
+        )
+        return dict(result.to_dict())
+
     def patch_labels(self, name: str, namespace: str, labels: dict[str, str | None]) -> None:
         self.core.patch_namespaced_pod(name, namespace, {"metadata": {"labels": labels}})
 

@@ -13,12 +13,26 @@ applied idempotently with server-side apply. Names, for a cluster `N`:
 - `N-backup` CronJob and (unless an existing claim is named) `N-backups` PVC
 - `N-dispatcher` PodDisruptionBudget (only with a standby: never blocks a node drain of
   a single-dispatcher cluster)
+
+With `spec.database` (an external PostgreSQL, its URL in a Secret the user manages) the
+dispatchers are all active and share that database instead:
+
+- `N-dispatcher` Deployment of `spec.dispatcher.replicas` (2) pods, labelled
+  `octaskly.io/mode=database`; the URL reaches them only as `OCTASKLY_DB_URL` from a
+  `secretKeyRef` (never in the ConfigMap, args or annotations), the node name from the
+  pod's name, the data dir (TLS identity, audit log, instance id) on an emptyDir
+- `N-rw` Service: API and P2P of every such pod (no primary: all are active); the
+  workers connect through it
+- `N-dispatcher` PodDisruptionBudget when there is more than one dispatcher
+- no StatefulSet, headless Service, standby, backup CronJob or backup volume: backups
+  and durability are the database's job (pg_dump, the PostgreSQL operator's backups)
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shlex
 from typing import Any
 
@@ -42,6 +56,15 @@ ROLE_LABEL = "octaskly.io/role"
 ROTATE_ANNOTATION = "octaskly.io/rotate-key"
 CONFIG_HASH_ANNOTATION = "octaskly.io/config-hash"
 KEY_GENERATION_ANNOTATION = "octaskly.io/key-generation"
+MODE_LABEL = "octaskly.io/mode"
+"""On the dispatcher pods of database mode (and in their selectors): keeps them apart
+from a StatefulSet's pods while a cluster switches modes."""
+DATABASE = "database"
+SQLITE = "sqlite"
+DB_URL_ENV = "OCTASKLY_DB_URL"
+MAX_DATABASE_DISPATCHERS = 16
+SECRET_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+SECRET_KEY = re.compile(r"[-._a-zA-Z0-9]+")
 
 
 class Cluster:
@@ -80,14 +103,77 @@ class Cluster:
         return str(self.spec.get("image") or "octaskly:0.2.0")
 
     @property
+    def database(self) -> dict[str, Any] | None:
+        """spec.database (external PostgreSQL), or None: SQLite in the dispatchers' volumes."""
+        found = self.spec.get("database")
+        return dict(found) if isinstance(found, dict) else None
+
+    @property
+    def mode(self) -> str:
+        return DATABASE if self.database is not None else SQLITE
+
+    @property
+    def url_secret(self) -> tuple[str, str]:
+        """(Secret name, key) holding the database URL (database mode only)."""
+        ref = (self.database or {}).get("urlSecret") or {}
+        return str(ref.get("name") or ""), str(ref.get("key") or "uri")
+
+    @property
     def standby(self) -> bool:
+        if self.database is not None:
+            return False  # every dispatcher is active; PostgreSQL replicates itself
         return bool(self.dispatcher.get("standby", True))
 
     @property
     def dispatcher_replicas(self) -> int:
-        """2 with a standby; also while pod 1 is the primary, even once the standby is
-        turned off: scaling down would remove the primary (it switches over first)."""
+        """Database mode: spec.dispatcher.replicas (2). SQLite: 2 with a standby; also
+        while pod 1 is the primary, even once the standby is turned off: scaling down
+        would remove the primary (it switches over first)."""
+        if self.database is not None:
+            return int(self.dispatcher.get("replicas", 2))
         return 2 if self.standby or self.primary == self.pod(1) else 1
+
+    def problems(self) -> list[str]:
+        """What contradicts itself in the spec (the CRD's CEL rules say the same; this is
+        for an API server that did not check them). The operator applies nothing then."""
+        d, out = self.dispatcher, []
+        if self.database is None:
+            if "replicas" in d:
+                out.append(
+                    "spec.dispatcher.replicas is for database mode (spec.database); "
+                    "with SQLite use spec.dispatcher.standby"
+                )
+            return out
+        name, key = self.url_secret
+        if not SECRET_NAME.fullmatch(name) or len(name) > 253:
+            out.append("spec.database.urlSecret.name must name a Secret (DNS subdomain)")
+        if not SECRET_KEY.fullmatch(key) or len(key) > 253:
+            out.append("spec.database.urlSecret.key must be a Secret key ([-._a-zA-Z0-9]+)")
+        if not 1 <= self.dispatcher_replicas <= MAX_DATABASE_DISPATCHERS:
+            out.append(f"spec.dispatcher.replicas must be 1..{MAX_DATABASE_DISPATCHERS}")
+        if d.get("standby"):
+            out.append(
+                "spec.dispatcher.standby is for SQLite: with spec.database every "
+                "dispatcher is active (set spec.dispatcher.replicas)"
+            )
+        if "replication" in d:
+            out.append(
+                "spec.dispatcher.replication is SQLite replication: with spec.database "
+                "PostgreSQL's own replication carries durability"
+            )
+        if self.spec.get("bootstrap"):
+            out.append(
+                "spec.bootstrap restores a SQLite backup: with spec.database load data with "
+                "octaskly migrate or pg_restore"
+            )
+        backup = self.spec.get("backup")
+        if isinstance(backup, dict) and backup.get("enabled", True):
+            out.append(
+                "spec.backup is the SQLite backup CronJob: with spec.database back the "
+                "database up (pg_dump, your PostgreSQL operator); remove spec.backup or set "
+                "enabled: false"
+            )
+        return out
 
     # -- names -----------------------------------------------------------------------------
     def n(self, suffix: str) -> str:
@@ -113,6 +199,16 @@ class Cluster:
     def selector(self, component: str) -> dict[str, str]:
         return {CLUSTER_LABEL: self.name, COMPONENT_LABEL: component}
 
+    def dispatcher_selector(self) -> dict[str, str]:
+        """The dispatcher pods of the current mode (database mode's carry MODE_LABEL)."""
+        if self.database is not None:
+            return {**self.selector("dispatcher"), MODE_LABEL: DATABASE}
+        return self.selector("dispatcher")
+
+    def rw_address(self) -> str:
+        """The P2P address of the `N-rw` Service."""
+        return f"{self.n('rw')}.{self.namespace}.svc:{P2P_PORT}"
+
     def meta(self, name: str, component: str, **extra: Any) -> dict[str, Any]:
         return {
             "name": name,
@@ -135,7 +231,10 @@ class Cluster:
 # -- configuration -----------------------------------------------------------------------------
 def config_toml(c: Cluster) -> str:
     d, w = c.dispatcher, c.workers
-    addrs = ", ".join(f'"{c.pod_address(i)}"' for i in range(c.dispatcher_replicas))
+    if c.database is not None:  # all dispatchers active: the Service spreads the workers
+        addrs = f'"{c.rw_address()}"'
+    else:
+        addrs = ", ".join(f'"{c.pod_address(i)}"' for i in range(c.dispatcher_replicas))
     labels = "".join(
         f"\nlabels.{json.dumps(k)} = {json.dumps(v)}"
         for k, v in sorted((w.get("labels") or {}).items())
@@ -152,16 +251,7 @@ api_port = {API_PORT}
 secret_key_file = "{KEY_DIR}/{KEY_FILE}"
 require_auth = {str(bool(d.get("requireAuth", True))).lower()}
 
-[storage]
-db_path = "{DATA_DIR}/octaskly.db"
-
-[dispatcher]
-replication = "{d.get("replication", "sync")}"
-# the operator decides failovers (it holds the leadership Lease): dispatchers never
-# promote themselves here
-auto_failover = false
-failover_timeout = {int(d.get("failoverTimeoutSeconds", 5))}
-
+{_storage_part(c)}
 [logging]
 log_level = "{d.get("logLevel", "info")}"
 log_format = "json"
@@ -175,6 +265,31 @@ sandbox_level = "{w.get("sandboxLevel", "basic")}"
 
 
 WORKER_PART = "\n# -- the workers' part (a change here does not restart dispatchers) --\n"
+
+
+def _storage_part(c: Cluster) -> str:
+    d = c.dispatcher
+    if c.database is not None:
+        name, key = c.url_secret
+        lease = int(c.database.get("leaseSeconds", 15))
+        return f"""[storage]
+# db_url: only in the environment ({DB_URL_ENV}, from Secret "{name}" key "{key}")
+
+[dispatcher]
+# several dispatchers share the database, all active; node_name is the pod's name
+# ($OCTASKLY_NODE_NAME); a dispatcher's runs move to the others once its lease runs out
+lease_seconds = {lease}
+"""
+    return f"""[storage]
+db_path = "{DATA_DIR}/octaskly.db"
+
+[dispatcher]
+replication = "{d.get("replication", "sync")}"
+# the operator decides failovers (it holds the leadership Lease): dispatchers never
+# promote themselves here
+auto_failover = false
+failover_timeout = {int(d.get("failoverTimeoutSeconds", 5))}
+"""
 
 
 def dispatcher_config(c: Cluster) -> str:
@@ -257,25 +372,18 @@ def dispatcher_script(c: Cluster) -> str:
     )
 
 
-def statefulset(c: Cluster) -> dict[str, Any]:
+def _dispatcher_pod(
+    c: Cluster, command: list[str], env: list[dict[str, Any]], data: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The dispatcher pod spec both modes share (probes, ports, security, resources,
+    placement); `data` is the data dir's volume when it is not a claim template."""
     d = c.dispatcher
-    storage = d.get("storage") or {}
-    claim: dict[str, Any] = {
-        "metadata": {"name": "data", "labels": c.labels("dispatcher")},
-        "spec": {
-            "accessModes": ["ReadWriteOnce"],
-            "resources": {"requests": {"storage": storage.get("size", "10Gi")}},
-        },
-    }
-    if storage.get("storageClassName"):
-        claim["spec"]["storageClassName"] = storage["storageClassName"]
-    policy = "Retain" if storage.get("retainOnDelete", True) else "Delete"
     container: dict[str, Any] = {
         "name": "dispatcher",
         "image": c.image,
         "imagePullPolicy": c.spec.get("imagePullPolicy", "IfNotPresent"),
-        "command": ["/bin/sh", "-c", dispatcher_script(c)],
-        "env": [{"name": "OCTASKLY_LOG_FORMAT", "value": "json"}],
+        "command": command,
+        "env": [{"name": "OCTASKLY_LOG_FORMAT", "value": "json"}, *env],
         "ports": [
             {"name": "api", "containerPort": API_PORT, "protocol": "TCP"},
             {"name": "p2p", "containerPort": P2P_PORT, "protocol": "TCP"},
@@ -297,11 +405,28 @@ def statefulset(c: Cluster) -> dict[str, Any]:
         "securityContext": _security(),
         "terminationGracePeriodSeconds": 30,
         "containers": [container],
-        "volumes": [*_volumes(c), {"name": "tmp", "emptyDir": {}}],
+        "volumes": [*_volumes(c), *([data] if data else []), {"name": "tmp", "emptyDir": {}}],
         **_placement(d),
         **_pull_secrets(c),
     }
     container["volumeMounts"].append({"name": "tmp", "mountPath": "/tmp"})
+    return pod_spec
+
+
+def statefulset(c: Cluster) -> dict[str, Any]:
+    d = c.dispatcher
+    storage = d.get("storage") or {}
+    claim: dict[str, Any] = {
+        "metadata": {"name": "data", "labels": c.labels("dispatcher")},
+        "spec": {
+            "accessModes": ["ReadWriteOnce"],
+            "resources": {"requests": {"storage": storage.get("size", "10Gi")}},
+        },
+    }
+    if storage.get("storageClassName"):
+        claim["spec"]["storageClassName"] = storage["storageClassName"]
+    policy = "Retain" if storage.get("retainOnDelete", True) else "Delete"
+    pod_spec = _dispatcher_pod(c, ["/bin/sh", "-c", dispatcher_script(c)], [], None)
     restore = (c.spec.get("bootstrap") or {}).get("restoreFrom")
     if restore:
         pod_spec["initContainers"] = [restore_container(c, restore)]
@@ -365,6 +490,58 @@ def restore_container(c: Cluster, restore: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def dispatcher_deployment(c: Cluster) -> dict[str, Any]:
+    """Database mode: N active dispatchers sharing the PostgreSQL database. The URL comes
+    only from the user's Secret (secretKeyRef: the operator never reads it); the data dir
+    is per pod (a new pod is a new member of the federation; after a dead pod, its lease
+    runs out and the others take over its runs)."""
+    name, key = c.url_secret
+    env = [
+        {"name": "OCTASKLY_NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {
+            "name": DB_URL_ENV,
+            "valueFrom": {"secretKeyRef": {"name": name, "key": key, "optional": False}},
+        },
+    ]
+    command = [PYZ, "dispatcher", "--config", f"{CONFIG_DIR}/octaskly.toml", "--data-dir", DATA_DIR]
+    pod_spec = _dispatcher_pod(c, command, env, {"name": "data", "emptyDir": {}})
+    selector = c.dispatcher_selector()
+    # spread over nodes where it can (never blocks scheduling)
+    pod_spec["topologySpreadConstraints"] = [
+        {
+            "maxSkew": 1,
+            "topologyKey": "kubernetes.io/hostname",
+            "whenUnsatisfiable": "ScheduleAnyway",
+            "labelSelector": {"matchLabels": selector},
+        }
+    ]
+    labels = {**c.labels("dispatcher"), MODE_LABEL: DATABASE}
+    meta = c.meta(c.n("dispatcher"), "dispatcher")
+    meta["labels"] = labels
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": meta,
+        "spec": {
+            "replicas": c.dispatcher_replicas,
+            "selector": {"matchLabels": selector},
+            # a new dispatcher is ready before an old one goes; the old one's runs move
+            # to the others when it stops (it gives up its lease) or its lease runs out
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+            },
+            "template": {
+                "metadata": {
+                    "labels": labels,
+                    "annotations": {CONFIG_HASH_ANNOTATION: _hash(dispatcher_config(c))},
+                },
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
 def headless_service(c: Cluster) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
@@ -383,13 +560,18 @@ def headless_service(c: Cluster) -> dict[str, Any]:
 
 
 def rw_service(c: Cluster) -> dict[str, Any]:
-    """API and P2P of the current primary: selects the pod the operator labels primary."""
+    """API and P2P of the current primary: selects the pod the operator labels primary.
+    Database mode: every dispatcher pod (all are active)."""
+    if c.database is not None:
+        selector = c.dispatcher_selector()
+    else:
+        selector = {**c.selector("dispatcher"), ROLE_LABEL: "primary"}
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": c.meta(c.n("rw"), "dispatcher"),
         "spec": {
-            "selector": {**c.selector("dispatcher"), ROLE_LABEL: "primary"},
+            "selector": selector,
             "ports": [
                 {"name": "api", "port": API_PORT, "targetPort": "api", "protocol": "TCP"},
                 {"name": "p2p", "port": P2P_PORT, "targetPort": "p2p", "protocol": "TCP"},
@@ -400,15 +582,15 @@ def rw_service(c: Cluster) -> dict[str, Any]:
 
 
 def pdb(c: Cluster) -> dict[str, Any] | None:
-    """One dispatcher may be disrupted at a time — only with a standby (otherwise a PDB
-    would block every node drain)."""
-    if not c.standby:
+    """One dispatcher may be disrupted at a time — only with a standby, or more than one
+    dispatcher in database mode (otherwise a PDB would block every node drain)."""
+    if not (c.standby or (c.database is not None and c.dispatcher_replicas > 1)):
         return None
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
         "metadata": c.meta(c.n("dispatcher"), "dispatcher"),
-        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": c.selector("dispatcher")}},
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": c.dispatcher_selector()}},
     }
 
 
@@ -480,7 +662,7 @@ def workers_deployment(c: Cluster) -> dict[str, Any]:
 def backup_claim(c: Cluster) -> dict[str, Any] | None:
     b = c.backup
     storage = b.get("storage") or {}
-    if not b.get("enabled", True) or storage.get("existingClaim"):
+    if c.database is not None or not b.get("enabled", True) or storage.get("existingClaim"):
         return None
     spec: dict[str, Any] = {
         "accessModes": ["ReadWriteOnce"],
@@ -510,8 +692,9 @@ def backup_script(c: Cluster) -> str:
 
 
 def backup_cronjob(c: Cluster) -> dict[str, Any] | None:
+    """The nightly `octaskly backup` (SQLite only: a database's backups are its own job)."""
     b = c.backup
-    if not b.get("enabled", True):
+    if c.database is not None or not b.get("enabled", True):
         return None
     storage = b.get("storage") or {}
     claim = storage.get("existingClaim") or c.n("backups")
@@ -595,22 +778,42 @@ def _hash(text: str) -> str:
 def desired(c: Cluster) -> list[dict[str, Any]]:
     """Every object the cluster should have (the key Secret is handled apart: its value is
     generated once and rotated, never re-rendered)."""
-    objects = [
-        config_map(c),
-        headless_service(c),
-        rw_service(c),
-        statefulset(c),
-        workers_deployment(c),
-        pdb(c),
-        backup_claim(c),
-        backup_cronjob(c),
-    ]
+    if c.database is not None:
+        objects = [
+            config_map(c),
+            rw_service(c),
+            dispatcher_deployment(c),
+            workers_deployment(c),
+            pdb(c),
+        ]
+    else:
+        objects = [
+            config_map(c),
+            headless_service(c),
+            rw_service(c),
+            statefulset(c),
+            workers_deployment(c),
+            pdb(c),
+            backup_claim(c),
+            backup_cronjob(c),
+        ]
     return [o for o in objects if o is not None]
 
 
+STATEFULSET = ("apps/v1", "StatefulSet")
+DEPLOYMENT = ("apps/v1", "Deployment")
+
+
 def absent(c: Cluster) -> list[tuple[str, str, str]]:
-    """(apiVersion, kind, name) of optional objects the spec no longer wants."""
+    """(apiVersion, kind, name) of optional objects the spec no longer wants — including
+    the other mode's dispatchers after a switch between SQLite and database mode. Kept on
+    purpose: the volumes (the dispatchers' SQLite files, the backups), which hold data."""
     out = []
+    if c.database is not None:
+        out.append((*STATEFULSET, c.n("dispatcher")))
+        out.append(("v1", "Service", c.n("dispatcher-hl")))
+    else:
+        out.append((*DEPLOYMENT, c.n("dispatcher")))
     if pdb(c) is None:
         out.append(("policy/v1", "PodDisruptionBudget", c.n("dispatcher")))
     if backup_cronjob(c) is None:

@@ -36,7 +36,10 @@ def step(
     primary: str,
     standby: str | None,
 ) -> tuple[str, str | None, str | None]:
-    """One step of a rollout if one is due: (primary, standby, phase or None)."""
+    """One step of a rollout if one is due: (primary, standby, phase or None). Database
+    mode has no StatefulSet: its Deployment rolls itself (maxUnavailable 0)."""
+    if c.database is not None:
+        return primary, standby, None
     sts = k.get("apps/v1", "StatefulSet", c.n("dispatcher"), c.namespace) or {}
     target = (sts.get("status") or {}).get("updateRevision")
     if not target:
@@ -73,6 +76,8 @@ def hand_back(
     """The standby is being turned off while pod 1 is the primary: switch over to pod 0,
     which stays; only then may the StatefulSet shrink to one pod."""
     assert standby is not None
+    if c.database is not None:
+        return primary, standby, None
     new_primary, new_standby = _switch(k, c, obj, pods, primary, standby, "standby turned off")
     return new_primary, new_standby, "SwitchingOver"
 

@@ -125,11 +125,14 @@ def test_the_crd_declares_every_status_field_the_operator_writes() -> None:
     written = {
         "phase", "message", "currentPrimary", "currentStandby", "workers", "conditions",
         "lastBackup", "lastBackupSucceeded", "observedGeneration", "lastRotation",
-        "keyGeneration", "term", "lastFailover",
+        "keyGeneration", "term", "lastFailover", "mode", "dispatchers",
     }  # fmt: skip
     assert written <= declared
     assert set(schema["properties"]["workers"]["properties"]) >= {
         "desired", "current", "ready", "text", "selector"
+    }  # fmt: skip
+    assert set(schema["properties"]["dispatchers"]["properties"]) >= {
+        "desired", "current", "ready", "text"
     }  # fmt: skip
 
 
@@ -155,3 +158,203 @@ def test_the_standby_off_keeps_two_pods_while_pod_1_is_primary() -> None:
         model.Cluster("demo", "prod", "u", off, primary="demo-dispatcher-0").dispatcher_replicas
         == 1
     )
+
+
+# -- database mode (spec.database: an external PostgreSQL) ---------------------------------------
+URL = "postgresql://octaskly:hunter2-secret@pg.example:5432/octaskly"
+DB = {"urlSecret": {"name": "pg-app", "key": "uri"}}
+
+
+def db_cluster(**spec: Any) -> model.Cluster:
+    return cluster(**{"database": DB, **spec})
+
+
+def _container(workload: dict[str, Any]) -> dict[str, Any]:
+    (container,) = workload["spec"]["template"]["spec"]["containers"]
+    return dict(container)
+
+
+def test_database_mode_runs_n_active_dispatchers_as_a_deployment() -> None:
+    spec = {
+        "replicas": 3,
+        "resources": {"limits": {"memory": "1Gi"}},
+        "nodeSelector": {"pool": "core"},
+        "tolerations": [{"key": "core", "operator": "Exists", "effect": "NoSchedule"}],
+    }
+    c = db_cluster(dispatcher=spec, imagePullSecrets=[{"name": "regcred"}])
+    d = model.dispatcher_deployment(c)
+    assert (d["apiVersion"], d["kind"], d["metadata"]["name"]) == (
+        "apps/v1", "Deployment", "demo-dispatcher"
+    )  # fmt: skip
+    assert d["spec"]["replicas"] == 3
+    assert d["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+    }
+    selector = d["spec"]["selector"]["matchLabels"]
+    assert selector[model.MODE_LABEL] == "database"
+    template = d["spec"]["template"]
+    assert selector.items() <= template["metadata"]["labels"].items()
+    container = _container(d)
+    env = {e["name"]: e for e in container["env"]}
+    assert env["OCTASKLY_DB_URL"] == {
+        "name": "OCTASKLY_DB_URL",
+        "valueFrom": {"secretKeyRef": {"name": "pg-app", "key": "uri", "optional": False}},
+    }
+    assert env["OCTASKLY_NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert "--role" not in container["command"] and "--primary-addr" not in container["command"]
+    pod = template["spec"]
+    data = next(v for v in pod["volumes"] if v["name"] == "data")
+    assert data == {"name": "data", "emptyDir": {}}
+    # the same pod as SQLite mode's dispatchers in everything but storage and start-up
+    sqlite_spec = {k: v for k, v in spec.items() if k != "replicas"}
+    sqlite = model.statefulset(
+        cluster(dispatcher=sqlite_spec, imagePullSecrets=[{"name": "regcred"}])
+    )
+    sqlite_pod, sqlite_container = sqlite["spec"]["template"]["spec"], _container(sqlite)
+    for key in (
+        "readinessProbe",
+        "livenessProbe",
+        "ports",
+        "securityContext",
+        "resources",
+        "volumeMounts",
+        "image",
+        "imagePullPolicy",
+    ):
+        assert container[key] == sqlite_container[key], key
+    for key in (
+        "securityContext",
+        "automountServiceAccountToken",
+        "nodeSelector",
+        "tolerations",
+        "imagePullSecrets",
+        "terminationGracePeriodSeconds",
+    ):
+        assert pod[key] == sqlite_pod[key], key
+    assert model.dispatcher_deployment(db_cluster())["spec"]["replicas"] == 2  # the default
+
+
+def test_the_database_url_stays_in_its_secret_and_the_config_is_valid(tmp_path: Path) -> None:
+    """The URL reaches the pods only through the secretKeyRef: no db_url or db_path in the
+    ConfigMap, no flag; with the env the pod gets, octaskly loads a PostgreSQL config."""
+    c = db_cluster(database={**DB, "leaseSeconds": 20}, dispatcher={"replicas": 2})
+    rendered = yaml.safe_dump_all(model.desired(c))
+    assert "db_path" not in rendered and "db_url =" not in rendered
+    assert "--db-url" not in rendered
+    container = _container(model.dispatcher_deployment(c))
+    assert all("value" not in e for e in container["env"] if e["name"] == "OCTASKLY_DB_URL")
+    path = tmp_path / "octaskly.toml"
+    path.write_text(model.config_toml(c))
+    env = {"OCTASKLY_DB_URL": URL, "OCTASKLY_NODE_NAME": "demo-dispatcher-5f7-abcde"}
+    settings = loading.load(flags={}, env=env, config_file=str(path)).settings
+    assert settings.storage.db_url == URL and settings.storage.db_path is None
+    assert settings.dispatcher.node_name == "demo-dispatcher-5f7-abcde"
+    assert settings.dispatcher.lease_seconds == 20
+    assert settings.dispatcher.role == "primary" and settings.dispatcher.primary_addr is None
+    assert settings.worker.dispatcher_addr == ("demo-rw.prod.svc:5555",)
+
+
+def test_database_mode_services_and_pdb_select_every_dispatcher() -> None:
+    c = db_cluster(dispatcher={"replicas": 3})
+    selector = model.dispatcher_deployment(c)["spec"]["selector"]["matchLabels"]
+    rw = model.rw_service(c)
+    assert rw["spec"]["selector"] == selector and model.ROLE_LABEL not in rw["spec"]["selector"]
+    assert {(p["port"], p["protocol"]) for p in rw["spec"]["ports"]} == {
+        (3000, "TCP"), (5555, "TCP"), (5555, "UDP")
+    }  # fmt: skip
+    budget = model.pdb(c)
+    assert budget is not None
+    assert budget["spec"] == {"maxUnavailable": 1, "selector": {"matchLabels": selector}}
+    # one dispatcher: no PDB (it would block every node drain)
+    single = db_cluster(dispatcher={"replicas": 1})
+    assert model.pdb(single) is None
+    assert ("policy/v1", "PodDisruptionBudget", "demo-dispatcher") in model.absent(single)
+    # the workers: the Service, and they roll when it changes (their config hash)
+    workers = model.workers_deployment(c)
+    sqlite_workers = model.workers_deployment(cluster())
+    hashes = [w["spec"]["template"]["metadata"]["annotations"] for w in (workers, sqlite_workers)]
+    assert hashes[0] != hashes[1]
+
+
+def test_database_mode_has_no_statefulset_standby_or_backups_and_absent_lists_them() -> None:
+    # (the backup settings a SQLite cluster would get by default are not rendered)
+    c = db_cluster()
+    kinds = sorted(o["kind"] for o in model.desired(c))
+    assert kinds == sorted(
+        ["ConfigMap", "Service", "Deployment", "Deployment", "PodDisruptionBudget"]
+    )
+    assert model.backup_cronjob(c) is None and model.backup_claim(c) is None
+    assert not c.standby
+    gone = model.absent(c)
+    for wanted in (
+        ("apps/v1", "StatefulSet", "demo-dispatcher"),
+        ("v1", "Service", "demo-dispatcher-hl"),
+        ("batch/v1", "CronJob", "demo-backup"),
+    ):
+        assert wanted in gone, wanted
+    # the volumes are data (the SQLite queue, the backups): never deleted by a switch
+    assert not [g for g in gone if g[1] == "PersistentVolumeClaim"]
+    # and back: SQLite mode removes database mode's dispatchers
+    assert ("apps/v1", "Deployment", "demo-dispatcher") in model.absent(cluster())
+    assert ("apps/v1", "StatefulSet", "demo-dispatcher") not in model.absent(cluster())
+
+
+def test_dispatchers_roll_on_their_config_not_on_worker_changes() -> None:
+    def annotations(c: model.Cluster) -> dict[str, str]:
+        return dict(model.dispatcher_deployment(c)["spec"]["template"]["metadata"]["annotations"])
+
+    base = annotations(db_cluster())
+    assert annotations(db_cluster(workers={"maxJobs": 9})) == base
+    assert annotations(db_cluster(database={**DB, "leaseSeconds": 30})) != base
+    moved = model.dispatcher_deployment(
+        db_cluster(database={"urlSecret": {"name": "other-app", "key": "uri"}})
+    )
+    assert _container(moved)["env"][-1]["valueFrom"]["secretKeyRef"]["name"] == "other-app"
+
+
+@pytest.mark.parametrize(
+    ("spec", "fragment"),
+    [
+        ({"database": DB, "dispatcher": {"standby": True}}, "spec.dispatcher.standby"),
+        ({"database": DB, "dispatcher": {"replication": "sync"}}, "spec.dispatcher.replication"),
+        ({"database": DB, "backup": {"schedule": "0 1 * * *"}}, "spec.backup"),
+        (
+            {"database": DB, "bootstrap": {"restoreFrom": {"claimName": "b", "file": "x.db"}}},
+            "spec.bootstrap",
+        ),
+        ({"database": DB, "dispatcher": {"replicas": 0}}, "spec.dispatcher.replicas"),
+        ({"database": DB, "dispatcher": {"replicas": 17}}, "spec.dispatcher.replicas"),
+        ({"database": {"urlSecret": {}}}, "urlSecret.name"),
+        ({"database": {"urlSecret": {"name": "a\nb = 1"}}}, "urlSecret.name"),
+        ({"database": {"urlSecret": {"name": "a", "key": "x/y"}}}, "urlSecret.key"),
+        ({"dispatcher": {"replicas": 3}}, "spec.dispatcher.replicas"),
+    ],
+)
+def test_contradictory_specs_are_refused_by_the_operator(
+    spec: dict[str, Any], fragment: str
+) -> None:
+    problems = cluster(**spec).problems()
+    assert problems and any(fragment in p for p in problems), problems
+
+
+def test_consistent_specs_have_no_problems() -> None:
+    for spec in (
+        {},
+        {"dispatcher": {"standby": False}, "backup": {"enabled": False}},
+        {"database": DB},
+        {"database": DB, "dispatcher": {"standby": False, "replicas": 16}},
+        {"database": DB, "backup": {"enabled": False, "schedule": "0 2 * * *"}},
+    ):
+        assert cluster(**spec).problems() == [], spec
+
+
+def test_the_postgres_example_is_complete_and_consistent() -> None:
+    secret, doc = yaml.safe_load_all(
+        (REPO / "operator/examples/octaskly-cluster-postgres.yaml").read_text()
+    )
+    assert secret["kind"] == "Secret" and doc["kind"] == "OctasklyCluster"
+    ref = doc["spec"]["database"]["urlSecret"]
+    assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["stringData"]
+    c = model.Cluster(doc["metadata"]["name"], "prod", "u", doc["spec"])
+    assert c.problems() == [] and c.dispatcher_replicas == 3
