@@ -245,6 +245,99 @@ def ha_section(results: dict[str, Any], tasks: int) -> list[str]:
     return lines
 
 
+def _per_member(s: dict[str, Any], value: Any) -> str:
+    return " / ".join(str(value(v)) for v in s["per_dispatcher"].values())
+
+
+def _federation_rows(s: dict[str, Any], sqlite: float | None) -> dict[str, str]:
+    cpu, rss, n = s["cpu_seconds"], s["peak_rss"], s["tasks"]
+
+    def per_task(key: str) -> str:
+        return "-" if cpu.get(key) is None else f"{1000 * cpu[key] / n:.2f}"
+
+    cluster = sum(cpu[k] or 0.0 for k in ("dispatchers", "workers", "postgres"))
+    logs = sum(d["log_lines_during_load"] for d in s["per_dispatcher"].values())
+    logs += sum(w["log_lines_during_load"] for w in s["workers"].values())
+    return {
+        "throughput, first submit → last completion": f"{_n(s['tasks_per_second'])} tasks/s",
+        "share of SQLite, 1 dispatcher (same run)": (
+            "-" if not sqlite else f"{100 * s['tasks_per_second'] / sqlite:.0f} %"
+        ),
+        "wall time": f"{s['seconds']:.2f} s",
+        "submit latency per HTTP request p50 / p99": f"{_pair(s['submit_request'])} ms",
+        "submit→complete p50 / p99": f"{_pair(s['submit_to_complete'])} ms",
+        "CPU ms/task: dispatchers / workers / PostgreSQL": (
+            f"{per_task('dispatchers')} / {per_task('workers')} / {per_task('postgres')}"
+        ),
+        "CPU ms/task: those together / machine": (
+            f"{1000 * cluster / n:.2f} / {per_task('machine')}"
+        ),
+        "peak RSS: largest dispatcher / all dispatchers": (
+            f"{_mib(rss['dispatcher_max'])} / {_mib(rss['dispatchers_sum'])} MiB"
+        ),
+        "peak RSS largest worker; PostgreSQL (sum of PSS)": (
+            f"{_mib(rss['worker_max'])}; {_mib(rss['postgres_pss'])} MiB"
+        ),
+        "tasks acknowledged by d1 / d2 / d3": _per_member(s, lambda d: f"{d['acknowledged']:,}"),
+        "workers connected to d1 / d2 / d3 (after)": _per_member(
+            s, lambda d: len(d["workers_after"])
+        ),
+        "tasks run by the workers of d1 / d2 / d3": _per_member(
+            s, lambda d: f"{d['ran_by_its_workers']:,}"
+        ),
+        "tasks run more than once; taken over": (
+            f"{s['ran_more_than_once']}; "
+            + _per_member(s, lambda d: "-" if d["taken_over"] is None else d["taken_over"])
+        ),
+        "log lines during the load: octaskly; PostgreSQL": (
+            f"{logs}; {s['postgres_log_problems'] if s['backend'] == 'postgres' else '-'}"
+        ),
+        "database growth per 10k tasks (size after)": (
+            f"{_mib((s['db_bytes'] - s['db_bytes_before']) * 10_000 / n)} "
+            f"({_mib(s['db_bytes'])}) MiB"
+        ),
+    }
+
+
+def federation_section(r: dict[str, Any]) -> list[str]:
+    configs = r["configs"]
+    if not configs:
+        return []
+    sqlite = (configs.get("sqlite-1") or {}).get("tasks_per_second")
+    rows = {k: _federation_rows(v, sqlite) for k, v in configs.items()}
+    titles = {
+        k: (
+            "SQLite, 1 dispatcher"
+            if v["backend"] == "sqlite"
+            else f"PostgreSQL, {v['dispatchers']} dispatcher{'s' * (v['dispatchers'] > 1)}"
+        )
+        for k, v in configs.items()
+    }
+    server = r.get("postgres") or {}
+    settings = ", ".join(f"{k} {v}" for k, v in (server.get("settings") or {}).items())
+    lines = [
+        "",
+        f"== 2c. Federation: the batch load ({r['tasks']:,} x `true`, 500/request, 4 in flight, "
+        "2 workers x 4 jobs, TLS/TCP) on SQLite and on 1, 2, 3 active dispatchers sharing one "
+        f"PostgreSQL {server.get('version', '?').split()[0]} database ({settings}); fresh "
+        "processes and database each",
+        f"  {'':<50}" + "".join(f"{titles[k]:<26}" for k in configs).rstrip(),
+    ]
+    first = next(iter(rows.values()))
+    for name in first:
+        values = "".join(f"{rows[k][name]:<26}" for k in configs)
+        lines.append(f"  {name:<50}{values}".rstrip())
+    lines += [
+        "  (the client sends batch i to dispatcher i mod N; each worker is given every address "
+        "and picks one by its name. Everything shares this machine's cores, PostgreSQL "
+        "included: more dispatchers cannot add capacity here, so the 2- and 3-dispatcher "
+        "columns show what coordinating through the database costs, not what spreading "
+        "dispatchers over machines gains. Log lines: warnings or worse, during the load. "
+        "Database: SQLite file + WAL + SHM; PostgreSQL pg_database_size, without its WAL)",
+    ]
+    return lines
+
+
 def startup_section(r: dict[str, Any]) -> list[str]:
     idle, pyz = r["idle"], r["pyz"]
     runs = len(pyz["direct_seconds"])
@@ -341,6 +434,8 @@ def render(results: dict[str, Any]) -> str:
     lines += cluster_section(results, results["config"]["tasks"])
     if isinstance(results.get("ha"), dict):
         lines += ha_section(results, results["config"]["tasks"])
+    if isinstance(results.get("federation"), dict):
+        lines += federation_section(results["federation"])
     if isinstance(results.get("startup"), dict):
         lines += startup_section(results["startup"])
     if isinstance(results.get("scale"), dict) and results["scale"].get("depths"):

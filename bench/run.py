@@ -3,7 +3,9 @@
 Scenarios (in this order): `limit` (asyncio spawn rate, no octaskly), `batch` and
 `single` (a real dispatcher + 2 workers on TLS over TCP, N `true` tasks through the REST
 API), `quic` (batch again with the workers on QUIC), `ha` (batch again on a primary
-replicating to a standby, async then sync, sampling the replication lag), `startup`
+replicating to a standby, async then sync, sampling the replication lag), `federation`
+(batch again on one dispatcher on SQLite, then on 1, 2 and 3 dispatchers sharing one
+throwaway PostgreSQL; --federation-tasks each, default --tasks), `startup`
 (idle RSS, pyz cold start), `scale` (200 simulated workers, 1k..1M queued tasks).
 Exit status: 0 when every selected scenario ran (missed targets included), 1 when the
 harness or the cluster broke (a crash, lost tasks), 2 for bad arguments.
@@ -24,9 +26,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from bench import cluster, ha, limit, procs, report, scale, startup, targets, throughput
+from bench import cluster, federation, ha, limit, procs, report, scale, startup, targets, throughput
 
-SCENARIOS = ("limit", "batch", "quic", "single", "ha", "startup", "scale")
+SCENARIOS = ("limit", "batch", "quic", "single", "ha", "federation", "startup", "scale")
 DEPTHS = "1000,10000,100000,1000000"
 QUICK_DEPTHS = "1000,10000,100000"
 SIM_WORKERS = 200
@@ -85,13 +87,23 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         default=1,
         help="processes the 200 simulated workers are split over (default 1)",
     )
+    p.add_argument(
+        "--federation-tasks",
+        type=int,
+        default=None,
+        help="tasks per federation configuration (default --tasks; --quick: a quarter of it)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, databases)")
     args = p.parse_args(argv)
-    if args.tasks < 1 or args.sim_procs < 1:
-        p.error("--tasks and --sim-procs must be positive")
+    fed_tasks = 1 if args.federation_tasks is None else args.federation_tasks
+    if args.tasks < 1 or args.sim_procs < 1 or fed_tasks < 1:
+        p.error("--tasks, --federation-tasks and --sim-procs must be positive")
     args.scale_depths = args.scale_depths or _ints(QUICK_DEPTHS if args.quick else DEPTHS)
     args.spawns = args.spawns or (2000 if args.quick else 5000)
     args.scale_window = args.scale_window or (10_000 if args.quick else 20_000)
+    args.federation_tasks = args.federation_tasks or (
+        max(1, args.tasks // 4) if args.quick else args.tasks
+    )
     return args
 
 
@@ -107,6 +119,7 @@ def _runners(
         ),
         "single": lambda: throughput.run("single", args.tasks, processes, root, secret),
         "ha": lambda: ha.run(args.tasks, processes, root, secret),
+        "federation": lambda: federation.run(args.federation_tasks, processes, root, secret),
         "startup": lambda: startup.run(processes, root, secret),
         "scale": lambda: scale.run(
             args.scale_depths,

@@ -84,6 +84,14 @@ def _ha_share(results: dict[str, Any], mode: str) -> float | None:
     return None if not batch or replicated is None else 100 * replicated / batch
 
 
+def _federation_share(results: dict[str, Any], config: str) -> float | None:
+    """Throughput of a PostgreSQL configuration of the federation scenario as a share of
+    the SQLite one's of the same scenario."""
+    sqlite = _get(results, "federation", "configs", "sqlite-1", "tasks_per_second")
+    other = _get(results, "federation", "configs", config, "tasks_per_second")
+    return None if not sqlite or other is None else 100 * other / sqlite
+
+
 def _min_rate(results: dict[str, Any]) -> float | None:
     rates = [r["assignments_per_second"] for r in _scale_rows(results)]
     return min(rates) if rates else None
@@ -116,6 +124,12 @@ TABLE: tuple[tuple[str, str, Getter, float | None, bool, str], ...] = (
      "%"),
     ("ha sync throughput / batch", "ha vs batch", lambda r: _ha_share(r, "sync"), None, True,
      "%"),
+    ("PG 1 dispatcher / SQLite", "federation", lambda r: _federation_share(r, "pg-1"), None,
+     True, "%"),
+    ("PG 2 dispatchers / SQLite", "federation", lambda r: _federation_share(r, "pg-2"), None,
+     True, "%"),
+    ("PG 3 dispatchers / SQLite", "federation", lambda r: _federation_share(r, "pg-3"), None,
+     True, "%"),
     ("queue→start p50", PROBE, lambda r: _get(r, "batch", "probe", "queue_to_start", "p50_ms"),
      5, False, "ms"),
     ("queue→start p99", PROBE, lambda r: _get(r, "batch", "probe", "queue_to_start", "p99_ms"),

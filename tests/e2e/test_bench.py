@@ -57,8 +57,39 @@ def test_a_small_run_measures_every_cluster_scenario(tmp_path: Path) -> None:
 
 
 def test_bad_arguments_are_refused_with_status_2(tmp_path: Path) -> None:
-    for args in (["--tasks", "0"], ["--scenarios", "nope"], ["--scale-depths", "1,x"]):
+    for args in (
+        ["--tasks", "0"],
+        ["--scenarios", "nope"],
+        ["--scale-depths", "1,x"],
+        ["--federation-tasks", "0"],
+    ):
         done = bench(tmp_path, *args)
         assert done.returncode == 2, args
         assert "error:" in done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_federation_compares_sqlite_with_1_2_3_dispatchers_on_postgresql(tmp_path: Path) -> None:
+    done = bench(tmp_path, "--tasks", "600", "--scenarios", "federation")
+    assert done.returncode == 0, done.stdout + done.stderr
+    (written,) = tmp_path.glob("*.json")
+    results = json.loads(written.read_text())
+    assert results["errors"] == {}
+    federation = results["federation"]
+    configs = federation["configs"]
+    assert list(configs) == ["sqlite-1", "pg-1", "pg-2", "pg-3"]
+    for name, c in configs.items():
+        assert c["tasks"] == 600 and c["tasks_per_second"] > 0, name
+        assert c["ran_more_than_once"] == 0, name
+        assert sum(w["ran"] for w in c["workers"].values()) == 600, name
+        assert (c["cpu_seconds"]["postgres"] is None) == (name == "sqlite-1"), name
+        assert len(c["per_dispatcher"]) == c["dispatchers"], name
+    # batches of 500 and 100: the client spread them over the dispatchers it was given
+    assert [d["acknowledged"] for d in configs["pg-2"]["per_dispatcher"].values()] == [500, 100]
+    assert configs["pg-1"]["cpu_seconds"]["postgres"] > 0
+    assert not Path(federation["postgres"]["dir"]).exists()  # the server was removed
+    verdicts = {t["name"]: t["verdict"] for t in results["targets"]}
+    assert verdicts["PG 2 dispatchers / SQLite"] == "info"
+    assert "== 2c. Federation" in done.stdout
+    rates = {name: round(c["tasks_per_second"]) for name, c in configs.items()}
+    print(f"600 tasks per configuration, tasks/s {rates}; none ran twice; server removed")
