@@ -48,6 +48,8 @@ def with_store(
         at = args.index("--db-path")
         key = args[at + 1]
         del args[at : at + 2]
+        if "--data-dir" not in args:  # where its SQLite file was: TLS, token, audit log
+            args += ["--data-dir", str((cwd / key).parent)]
     elif "--data-dir" in args:
         key = args[args.index("--data-dir") + 1]
     else:
