@@ -165,7 +165,10 @@ def test_quic_with_udp_blocked_fails_clearly_and_auto_falls_back(cluster: Cluste
         assert isinstance(hole, relays.UDPBlackHole) and hole.received > 0
         auto, auto_log = cluster.worker("a", transport="auto")
         cluster.wait_joined("a", auto, timeout=30)
-        assert "trying TCP" in auto_log.read_text() and "over tcp" in auto_log.read_text()
+        # (the dispatcher lists it as soon as it sent the welcome; the worker logs the
+        # session once the welcome arrived: a moment later under load)
+        procs.wait_for(lambda: "over tcp" in auto_log.read_text(), timeout=10, what="its log")
+        assert "trying TCP" in auto_log.read_text()
         run_marked_tasks(cluster, 1)
 
 
