@@ -773,12 +773,21 @@ class PostgresStore:
         except LINK_ERRORS as exc:
             raise storage_error(exc, self.where) from exc
 
+    def _none_stored(self, *values: Any) -> bool:
+        """Whether a lookup value holds NUL: PostgreSQL text cannot hold it, so nothing
+        stored can match (and the server would refuse the query)."""
+        if self._state != "open":
+            raise self._not_open()
+        return any(isinstance(v, str) and "\x00" in v for v in values)
+
     async def get_task(self, task_id: str) -> models.Task | None:
+        if self._none_stored(task_id):
+            return None
         rows = await self._read(GET_TASK, task_id)
         return _task(rows[0]) if rows else None
 
     async def get_tasks(self, task_ids: Sequence[str]) -> list[models.Task]:
-        ids = list(dict.fromkeys(task_ids))
+        ids = [i for i in dict.fromkeys(task_ids) if not self._none_stored(i)]
         if not ids:
             if self._state != "open":
                 raise self._not_open()
@@ -786,6 +795,8 @@ class PostgresStore:
         return [_task(r) for r in await self._read(GET_TASKS, ids)]
 
     async def find_by_idempotency_key(self, owner: str | None, key: str) -> models.Task | None:
+        if self._none_stored(owner, key):
+            return None
         rows = await self._read(FIND_BY_KEY, owner or "", key)
         return _task(rows[0]) if rows else None
 
@@ -801,6 +812,8 @@ class PostgresStore:
         """Newest first (by creation), with the total matching count."""
         if limit < 0 or offset < 0:
             raise ValueError("limit and offset must not be negative")
+        if self._none_stored(status, worker_id, owner):
+            return base.TaskPage([], 0)
         terms: list[str] = []
         params: list[Any] = []
         for column, value in (("status", status), ("worker_id", worker_id), ("owner", owner)):
@@ -868,6 +881,8 @@ class PostgresStore:
         return {row[0] for row in await self._read(REVOKED_TOKENS, now)}
 
     async def get_token(self, jti: str) -> base.TokenRecord | None:
+        if self._none_stored(jti):
+            return None
         rows = await self._read(GET_TOKEN, jti)
         return queries.token_from_row(tuple(rows[0])) if rows else None
 

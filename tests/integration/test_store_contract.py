@@ -499,3 +499,18 @@ async def test_a_pruned_tasks_idempotency_key_is_forgotten(store: base.Store) ->
     await store.insert_tasks([again])  # the key may be used again
     found = await store.find_by_idempotency_key("bob", "k")
     assert found is not None and found.id == again.id
+
+
+async def test_lookups_with_a_nul_character_find_nothing(store: base.Store) -> None:
+    """A NUL in a filter or id (hostile query strings) matches nothing, on every store —
+    PostgreSQL's text cannot hold NUL, and the query must not fail ("database
+    unavailable") because of it."""
+    await store.insert_tasks([testing.new_task(worker_id="w", owner="o", idempotency_key="k")])
+    assert await store.get_task("a\x00b") is None
+    assert await store.get_tasks(["a\x00b"]) == []
+    assert await store.find_by_idempotency_key("o\x00", "k") is None
+    assert await store.find_by_idempotency_key("o", "k\x00") is None
+    assert (await store.list_tasks(worker_id="w\x00")).total == 0
+    assert (await store.list_tasks(owner="\x00")).tasks == []
+    assert await store.get_token("j\x00") is None
+    assert (await store.list_tasks(worker_id="w")).total == 1
