@@ -18,7 +18,6 @@ never the password.
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import functools
 import itertools
@@ -27,7 +26,7 @@ import logging
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, Literal, TypeAlias, cast
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 import asyncpg
 
@@ -338,7 +337,7 @@ def _rowcount(status: str) -> int:
     return int(last) if last.isdigit() else 0
 
 
-class PostgresStore:
+class PostgresStore(writing.WriteQueue):
     """Tasks and tokens in a PostgreSQL database, durable when a write returns (the
     server's `synchronous_commit` decides how: its default waits for the WAL flush)."""
 
@@ -363,13 +362,8 @@ class PostgresStore:
         """Told the duration (seconds) of every committed transaction (metrics)."""
         self._pool_size = max(2, pool_size)
         self._application_name = application_name
-        self._state: Literal["new", "open", "closing", "closed"] = "new"
+        self._init_queue(self.where, MAX_BATCH)
         self._pool: asyncpg.Pool | None = None
-        self._pending: collections.deque[writing.Op] = collections.deque()
-        self._inflight: list[writing.Op] = []
-        self._wakeup = asyncio.Event()
-        self._writer: asyncio.Task[None] | None = None
-        self._writer_failure: BaseException | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
     async def open(self) -> None:
@@ -397,11 +391,7 @@ class PostgresStore:
             if isinstance(exc, LINK_ERRORS) or isinstance(exc, ValueError):
                 raise storage_error(exc, self.where) from None
             raise
-        self._state = "open"
-        self._writer = asyncio.get_running_loop().create_task(
-            self._write_forever(), name="octaskly-store-writer"
-        )
-        self._writer.add_done_callback(self._on_writer_done)
+        self._start_writer()
 
     async def close(self) -> None:
         """Flush pending writes and close. Calling it again does nothing."""
@@ -409,14 +399,11 @@ class PostgresStore:
             self._state = "closed"
         if self._state != "open":
             return
-        self._state = "closing"
-        self._wakeup.set()
         if self._listening is not None:
             self._listening.cancel()
             await asyncio.gather(self._listening, return_exceptions=True)
         try:
-            if self._writer is not None:
-                await asyncio.wait([self._writer])
+            await self._stop_writer()
         finally:
             self._state = "closed"
             pool, self._pool = self._pool, None
@@ -497,57 +484,6 @@ class PostgresStore:
             [(INSERT_REVOCATION, (jti, expires_at)), (REVOKE_TOKEN, (revoked_at, jti))]
         )
         return changed == 1
-
-    def _submit(self, op: writing.Op) -> None:
-        self._pending.append(op)
-        self._wakeup.set()
-
-    def _not_open(self) -> errors.StorageError:
-        state = "not open" if self._state == "new" else "closed"
-        return errors.StorageError(f"store {self.where} is {state}")
-
-    def _ensure_writable(self) -> None:
-        if self._state != "open":
-            raise self._not_open()
-        if self._writer_failure is not None:
-            raise errors.StorageError(
-                f"the database writer for {self.where} stopped: {self._writer_failure!r}"
-            )
-
-    async def _write_forever(self) -> None:
-        try:
-            while self._pending or self._state == "open":
-                if not self._pending:
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
-                    continue
-                self._inflight = self._take_batch()
-                if self._inflight:
-                    await self._write_batch(self._inflight)
-                self._inflight = []
-        finally:
-            error = errors.StorageError(f"the database writer for {self.where} stopped")
-            for op in [*self._inflight, *self._pending]:
-                op.error = op.error or error
-                writing.settle(op)
-            self._inflight, self._pending = [], collections.deque()
-
-    def _on_writer_done(self, task: asyncio.Task[None]) -> None:
-        failure = asyncio.CancelledError("cancelled") if task.cancelled() else task.exception()
-        if failure is None and self._state == "open":
-            failure = RuntimeError("ended unexpectedly")
-        if failure is not None:
-            self._writer_failure = failure
-            log.error("the database writer for %s died: %r", self.where, failure)
-
-    def _take_batch(self) -> list[writing.Op]:
-        batch: list[writing.Op] = []
-        while self._pending and len(batch) < MAX_BATCH:
-            op = self._pending.popleft()
-            if op.future is not None and op.future.done():
-                continue  # the caller was cancelled before the write began
-            batch.append(op)
-        return batch
 
     async def _write_batch(self, batch: list[writing.Op]) -> None:
         started = time.perf_counter()
@@ -872,9 +808,7 @@ class PostgresStore:
 
     async def check(self) -> None:
         """Raise StorageError unless the writer is alive and a read succeeds."""
-        self._ensure_writable()
-        if self._writer is None or self._writer.done():
-            raise errors.StorageError(f"the database writer for {self.where} is not running")
+        self._check_writer()
         await self._read(HAS_TASKS)
 
     async def revoked_tokens(self, now: float) -> set[str]:

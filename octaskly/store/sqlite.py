@@ -11,7 +11,6 @@ separate connections, which WAL lets run beside the writer.
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import contextlib
 import logging
@@ -37,7 +36,7 @@ _ID_CHUNK = 500  # ids per `IN (...)`; far below SQLite's variable limit
 PRUNE_BATCH = 1000  # finished tasks deleted per transaction: bounds the writer's pause
 
 
-class SQLiteStore:
+class SQLiteStore(writing.WriteQueue):
     """The default store: one SQLite file in WAL mode, durable when a write returns.
 
     `synchronous="full"` fsyncs every commit (survives power loss); `"normal"` survives a
@@ -49,15 +48,10 @@ class SQLiteStore:
         self.path = Path(path)
         self.synchronous = synchronous
         self.commit_count = 0
-        self._state: Literal["new", "open", "closing", "closed"] = "new"
+        self._init_queue(str(self.path), MAX_BATCH)
         self._db: aiosqlite.Connection | None = None
         self._readers: list[aiosqlite.Connection] = []
         self._next_reader = 0
-        self._pending: collections.deque[writing.Op] = collections.deque()
-        self._inflight: list[writing.Op] = []
-        self._wakeup = asyncio.Event()
-        self._writer: asyncio.Task[None] | None = None
-        self._writer_failure: BaseException | None = None
         self._batches = writing.BatchWriter(
             self.path, synchronous=synchronous, busy_timeout_ms=BUSY_TIMEOUT_MS
         )
@@ -84,11 +78,7 @@ class SQLiteStore:
             if isinstance(exc, OSError):
                 raise faults.os_error(exc, self.path) from exc
             raise
-        self._state = "open"
-        self._writer = asyncio.get_running_loop().create_task(
-            self._write_forever(), name="octaskly-store-writer"
-        )
-        self._writer.add_done_callback(self._on_writer_done)
+        self._start_writer()
 
     async def close(self) -> None:
         """Flush pending writes and close. Calling it again does nothing."""
@@ -96,11 +86,8 @@ class SQLiteStore:
             self._state = "closed"
         if self._state != "open":
             return
-        self._state = "closing"
-        self._wakeup.set()
         try:
-            if self._writer is not None:
-                await asyncio.wait([self._writer])
+            await self._stop_writer()
         finally:
             self._state = "closed"
             await self._close_connections()
@@ -230,59 +217,6 @@ class SQLiteStore:
         self._ensure_writable()
         if updates:
             self._submit(_update_op(updates, None))
-
-    def _submit(self, op: writing.Op) -> None:
-        self._pending.append(op)
-        self._wakeup.set()
-
-    def _not_open(self) -> errors.StorageError:
-        return errors.StorageError(
-            f"store {self.path} is {'not open' if self._state == 'new' else 'closed'}"
-        )
-
-    def _ensure_writable(self) -> None:
-        if self._state != "open":
-            raise self._not_open()
-        if self._writer_failure is not None:
-            raise errors.StorageError(
-                f"the database writer for {self.path} stopped: {self._writer_failure!r}"
-            )
-
-    async def _write_forever(self) -> None:
-        try:
-            while self._pending or self._state == "open":
-                if not self._pending:
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
-                    continue
-                self._inflight = self._take_batch()
-                if self._inflight:
-                    await self._write_batch(self._inflight)
-                self._inflight = []
-        finally:
-            # Normally nothing is left; after a crash of this task nobody may hang.
-            error = errors.StorageError(f"the database writer for {self.path} stopped")
-            for op in [*self._inflight, *self._pending]:
-                op.error = op.error or error
-                writing.settle(op)
-            self._inflight, self._pending = [], collections.deque()
-
-    def _on_writer_done(self, task: asyncio.Task[None]) -> None:
-        failure = asyncio.CancelledError("cancelled") if task.cancelled() else task.exception()
-        if failure is None and self._state == "open":
-            failure = RuntimeError("ended unexpectedly")
-        if failure is not None:
-            self._writer_failure = failure
-            log.error("the database writer for %s died: %r", self.path, failure)
-
-    def _take_batch(self) -> list[writing.Op]:
-        batch: list[writing.Op] = []
-        while self._pending and len(batch) < MAX_BATCH:
-            op = self._pending.popleft()
-            if op.future is not None and op.future.done():
-                continue  # the caller was cancelled before the write began: skip it
-            batch.append(op)
-        return batch
 
     async def _write_batch(self, batch: list[writing.Op]) -> None:
         loop = asyncio.get_running_loop()
@@ -455,9 +389,7 @@ class SQLiteStore:
 
     async def check(self) -> None:
         """Raise StorageError unless the writer is alive and a read succeeds."""
-        self._ensure_writable()
-        if self._writer is None or self._writer.done():
-            raise errors.StorageError(f"the database writer for {self.path} is not running")
+        self._check_writer()
         await self._read(queries.HAS_TASKS)
 
 

@@ -10,6 +10,7 @@ idempotency key) rolls back only its own work.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -19,7 +20,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from octaskly import errors
 from octaskly.domain import models
@@ -461,3 +462,95 @@ def settle(op: Op) -> None:
         op.future.set_exception(op.error)
     else:
         op.future.set_result(op.result)
+
+
+class WriteQueue:
+    """The asynchronous half of group commit, shared by the SQLite and PostgreSQL stores:
+    writes queue up as operations; one writer task takes what is pending (up to
+    `max_batch`) and hands it to the store's `_write_batch` (one transaction), then
+    settles the callers. `label` names the database in messages (a path, host:port/db)."""
+
+    def _init_queue(self, label: str, max_batch: int) -> None:
+        self._label = label
+        self._max_batch = max_batch
+        self._state: Literal["new", "open", "closing", "closed"] = "new"
+        self._pending: collections.deque[Op] = collections.deque()
+        self._inflight: list[Op] = []
+        self._wakeup = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._writer_failure: BaseException | None = None
+
+    async def _write_batch(self, batch: list[Op]) -> None:
+        raise NotImplementedError
+
+    def _start_writer(self) -> None:
+        self._state = "open"
+        self._writer = asyncio.get_running_loop().create_task(
+            self._write_forever(), name="octaskly-store-writer"
+        )
+        self._writer.add_done_callback(self._on_writer_done)
+
+    async def _stop_writer(self) -> None:
+        """Let the writer finish what is queued (state "closing"), then end."""
+        self._state = "closing"
+        self._wakeup.set()
+        if self._writer is not None:
+            await asyncio.wait([self._writer])
+
+    def _submit(self, op: Op) -> None:
+        self._pending.append(op)
+        self._wakeup.set()
+
+    def _not_open(self) -> errors.StorageError:
+        state = "not open" if self._state == "new" else "closed"
+        return errors.StorageError(f"store {self._label} is {state}")
+
+    def _ensure_writable(self) -> None:
+        if self._state != "open":
+            raise self._not_open()
+        if self._writer_failure is not None:
+            raise errors.StorageError(
+                f"the database writer for {self._label} stopped: {self._writer_failure!r}"
+            )
+
+    def _check_writer(self) -> None:
+        """Raise StorageError unless the store is open and its writer alive."""
+        self._ensure_writable()
+        if self._writer is None or self._writer.done():
+            raise errors.StorageError(f"the database writer for {self._label} is not running")
+
+    async def _write_forever(self) -> None:
+        try:
+            while self._pending or self._state == "open":
+                if not self._pending:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                self._inflight = self._take_batch()
+                if self._inflight:
+                    await self._write_batch(self._inflight)
+                self._inflight = []
+        finally:
+            # Normally nothing is left; after a crash of this task nobody may hang.
+            error = errors.StorageError(f"the database writer for {self._label} stopped")
+            for op in [*self._inflight, *self._pending]:
+                op.error = op.error or error
+                settle(op)
+            self._inflight, self._pending = [], collections.deque()
+
+    def _on_writer_done(self, task: asyncio.Task[None]) -> None:
+        failure = asyncio.CancelledError("cancelled") if task.cancelled() else task.exception()
+        if failure is None and self._state == "open":
+            failure = RuntimeError("ended unexpectedly")
+        if failure is not None:
+            self._writer_failure = failure
+            log.error("the database writer for %s died: %r", self._label, failure)
+
+    def _take_batch(self) -> list[Op]:
+        batch: list[Op] = []
+        while self._pending and len(batch) < self._max_batch:
+            op = self._pending.popleft()
+            if op.future is not None and op.future.done():
+                continue  # the caller was cancelled before the write began: skip it
+            batch.append(op)
+        return batch
