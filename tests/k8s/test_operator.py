@@ -650,7 +650,8 @@ def test_key_rotation_on_annotation_goes_through_its_grace_stages(
     then new+old, then new alone; status and Events record it; the same annotation value
     does not rotate twice."""
     ns = k8s_namespace
-    _apply_example(kubectl, ns, **{"spec.secret.gracePeriod": "4s", "spec.workers.replicas": 0})
+    # 8 s: two stages of 4 s each, which a poll slowed by a loaded machine does not miss
+    _apply_example(kubectl, ns, **{"spec.secret.gracePeriod": "8s", "spec.workers.replicas": 0})
     (old,) = wait_for(lambda: _keys(kubectl, ns), what="the first key")
     kubectl("annotate", "octasklycluster", "demo", "-n", ns, "octaskly.io/rotate-key=r1")
     stages = []
