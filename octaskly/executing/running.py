@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from octaskly.domain import models
+from octaskly.domain import models, output
 from octaskly.executing import sandboxing, tails, workdirs
 from octaskly.executing.workdirs import Workdirs
 
@@ -129,19 +129,28 @@ class ExecResult:
     """How a run ended.
 
     ``exit_code`` is the shell's exit status, 128+N after death by signal N, None when the
-    command never ran. ``stdout``/``stderr`` are the kept tails decoded as UTF-8 (invalid
-    bytes become U+FFFD); ``*_dropped`` count the bytes cut from their heads. ``error``
+    command never ran. ``stdout_bytes``/``stderr_bytes`` are the kept tails, exactly as the
+    command wrote them; ``*_dropped`` count the bytes cut from their heads. ``stdout`` and
+    ``stderr`` are their text views (UTF-8, U+FFFD for what does not decode). ``error``
     says why a run did not complete ("exit status 3", "timed out after 5s", ...).
     """
 
     status: Status
     exit_code: int | None
     duration_ms: int
-    stdout: str
-    stderr: str
+    stdout_bytes: bytes
+    stderr_bytes: bytes
     stdout_dropped: int
     stderr_dropped: int
     error: str | None
+
+    @property
+    def stdout(self) -> str:
+        return output.as_text(self.stdout_bytes, dropped=self.stdout_dropped).text
+
+    @property
+    def stderr(self) -> str:
+        return output.as_text(self.stderr_bytes, dropped=self.stderr_dropped).text
 
 
 class Execution:
@@ -333,8 +342,7 @@ class Execution:
         duration_ms: int,
         buffers: dict[str, tails.TailBuffer],
     ) -> ExecResult:
-        stdout, stdout_dropped = buffers["stdout"].text()
-        stderr, stderr_dropped = buffers["stderr"].text()
+        out, err = buffers["stdout"], buffers["stderr"]
         status: Status
         if stopped == "timed_out":
             status, error = stopped, f"timed out after {self.request.timeout:g}s"
@@ -343,15 +351,16 @@ class Execution:
         elif returncode == 0:
             status, error = "completed", None
         else:
+            stderr = output.as_text(err.getvalue(), dropped=err.dropped).text
             status, error = "failed", _describe_exit(returncode, self.request, stderr)
         return ExecResult(
             status=status,
             exit_code=returncode if returncode >= 0 else 128 - returncode,
             duration_ms=duration_ms,
-            stdout=stdout,
-            stderr=stderr,
-            stdout_dropped=stdout_dropped,
-            stderr_dropped=stderr_dropped,
+            stdout_bytes=out.getvalue(),
+            stderr_bytes=err.getvalue(),
+            stdout_dropped=out.dropped,
+            stderr_dropped=err.dropped,
             error=error,
         )
 
@@ -403,8 +412,8 @@ def not_run(status: Status, error: str) -> ExecResult:
         status=status,
         exit_code=None,
         duration_ms=0,
-        stdout="",
-        stderr="",
+        stdout_bytes=b"",
+        stderr_bytes=b"",
         stdout_dropped=0,
         stderr_dropped=0,
         error=error,

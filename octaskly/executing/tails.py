@@ -28,15 +28,3 @@ class TailBuffer:
     def getvalue(self) -> bytes:
         """The kept bytes."""
         return bytes(self._data)
-
-    def text(self) -> tuple[str, int]:
-        """The kept tail as text, and the number of bytes dropped before it.
-
-        When the head was cut inside a multi-byte UTF-8 character, its remaining
-        continuation bytes are dropped too (and counted) rather than shown as U+FFFD.
-        """
-        start = 0
-        if self.dropped:
-            while start < min(3, len(self._data)) and self._data[start] & 0xC0 == 0x80:
-                start += 1
-        return self._data[start:].decode("utf-8", errors="replace"), self.dropped + start

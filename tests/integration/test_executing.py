@@ -437,11 +437,26 @@ async def test_streams_are_told_apart(tmp_path: Path) -> None:
     assert sorted(seen) == [("stderr", b"err\n"), ("stdout", b"out\n")]
 
 
-async def test_binary_output_becomes_replacement_characters(tmp_path: Path) -> None:
+async def test_binary_output_is_kept_exactly_and_its_text_view_replaces_it(
+    tmp_path: Path,
+) -> None:
     result = await run(tmp_path, r"printf '\377\376abc\200'; printf '\303' >&2")
     assert result.status == "completed"
+    assert (result.stdout_bytes, result.stderr_bytes) == (b"\xff\xfeabc\x80", b"\xc3")
     assert result.stdout == "\ufffd\ufffdabc\ufffd"
     assert result.stderr == "\ufffd"
+
+
+async def test_every_byte_value_comes_back_exactly(tmp_path: Path) -> None:
+    every = bytes(range(256))
+    command = (
+        f"{sys.executable} -c 'import sys; sys.stdout.buffer.write(bytes(range(256))); "
+        "sys.stderr.buffer.write(bytes(reversed(range(256))))'"
+    )
+    result = await run(tmp_path, command, output_limit=200)
+    assert result.status == "completed", result
+    assert (result.stdout_bytes, result.stdout_dropped) == (every[-200:], 56)
+    assert (result.stderr_bytes, result.stderr_dropped) == (every[::-1][-200:], 56)
 
 
 async def test_flooding_both_streams_at_once_does_not_deadlock(tmp_path: Path) -> None:

@@ -1,9 +1,11 @@
-"""The tail buffer that keeps the last bytes of a task's output stream."""
+"""The tail buffer that keeps the last bytes of a task's output stream, and the text view
+of what it kept."""
 
 from __future__ import annotations
 
 import pytest
 
+from octaskly.domain import output
 from octaskly.executing import tails
 
 
@@ -70,7 +72,10 @@ def test_text_never_starts_with_a_torn_character(
 ) -> None:
     buffer = tails.TailBuffer(limit)
     buffer.feed(data.encode())
-    assert buffer.text() == (text, dropped)
+    view = output.as_text(buffer.getvalue(), dropped=buffer.dropped)
+    assert (view.text, buffer.dropped + view.torn) == (text, dropped)
+    assert view.encoding == output.UTF8  # a torn head is not invalid UTF-8
+    assert buffer.getvalue() == data.encode()[-limit:]  # the bytes keep the torn head
 
 
 @pytest.mark.parametrize(
@@ -89,7 +94,29 @@ def test_invalid_utf8_becomes_replacement_characters(
 ) -> None:
     buffer = tails.TailBuffer(limit)
     buffer.feed(data)
-    assert buffer.text() == (text, dropped)
+    view = output.as_text(buffer.getvalue(), dropped=buffer.dropped)
+    assert (view.text, buffer.dropped + view.torn) == (text, dropped)
+    assert view.encoding == output.BINARY
+
+
+@pytest.mark.parametrize(
+    ("data", "dropped", "encoding"),
+    [
+        (b"", 0, output.UTF8),
+        (b"plain\n", 0, output.UTF8),
+        ("héllo €😀".encode(), 0, output.UTF8),
+        (b"\x00\x01\x7f", 0, output.UTF8),  # control characters are valid UTF-8
+        (b"\x80", 0, output.BINARY),  # a continuation byte not cut by us
+        (b"\x80", 1, output.UTF8),  # ... cut by us
+        (bytes(range(256)), 0, output.BINARY),
+        ("é".encode() + b"\xc3", 0, output.BINARY),  # ends inside a character
+    ],
+)
+def test_the_text_says_whether_it_is_exact(data: bytes, dropped: int, encoding: str) -> None:
+    view = output.as_text(data, dropped=dropped)
+    assert view.encoding == encoding
+    if encoding == output.UTF8:
+        assert view.text.encode() == data[view.torn :]
 
 
 def test_a_negative_limit_is_refused() -> None:
