@@ -207,7 +207,13 @@ class InMemoryStore:
         )
         return [
             base.QueuedRef(
-                t.id, t.queue_seq, t.priority, t.created_at, t.spec.requirements, t.not_before
+                t.id,
+                t.queue_seq,
+                t.priority,
+                t.created_at,
+                t.spec.requirements,
+                t.not_before,
+                t.spec.sandbox_level,
             )
             for t in queued[:limit]
         ]

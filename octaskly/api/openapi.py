@@ -98,7 +98,20 @@ _WORKER = _object(
         "connected_at": _DATE,
         "last_heartbeat": _DATE,
     },
-    {"dispatcher": _STR},
+    {
+        "dispatcher": _STR,
+        # (absent from workers a dispatcher of an older version publishes in a federation)
+        "sandbox_levels": {
+            "type": "array",
+            "items": {"type": "string", "enum": [level.value for level in models.SandboxLevel]},
+            "description": "the levels a run on this worker can get (from its sandbox_level up)",
+        },
+        "sandbox_unavailable": {
+            "type": "object",
+            "additionalProperties": {"type": "string"},
+            "description": "levels from its sandbox_level up it cannot provide, with the reason",
+        },
+    },
 )
 _STATS = _object(
     {

@@ -3,7 +3,9 @@ after a run ends. A function of (state snapshot, now) -> decisions; no I/O, no c
 
 Order: effective priority first, where waiting `aging_seconds` raises a task by one
 priority level so that `low` never starves; FIFO (queue_seq) within equal priority.
-A task goes to the least-loaded worker whose free resources fit it.
+A task goes to the least-loaded worker whose free resources fit it and that can give it
+its sandbox level: a run gets the stricter of the task's level and the worker's minimum,
+and a worker reports the levels it cannot provide (:class:`Sandboxes`).
 """
 
 from __future__ import annotations
@@ -36,11 +38,64 @@ class Candidate:
     priority: models.Priority
     enqueued_at: float
     requirements: models.Requirements
+    sandbox_level: models.SandboxLevel | None = None
+    """The level the task asked for (None: whatever the worker's minimum is)."""
+
+
+ALL_LEVELS = frozenset(models.SandboxLevel)
+
+
+def effective_level(
+    task_level: models.SandboxLevel | None, minimum: models.SandboxLevel
+) -> models.SandboxLevel:
+    """The level a run gets: the stricter of the task's (if it asked) and the worker's."""
+    if task_level is None or task_level.rank < minimum.rank:
+        return minimum
+    return task_level
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Sandboxes:
+    """Which sandbox levels a worker can give its tasks."""
+
+    minimum: models.SandboxLevel = models.SandboxLevel.NONE
+    """The worker's own level: every run there gets at least this."""
+    unavailable: Mapping[models.SandboxLevel, str] = dataclasses.field(default_factory=dict)
+    """Levels (at or above `minimum`) this worker cannot provide, each with the reason."""
+    runnable: frozenset[models.SandboxLevel] = dataclasses.field(init=False)
+    """The task levels it can run (a task without a level counts as `none`)."""
+
+    def __post_init__(self) -> None:
+        runnable = frozenset(level for level in models.SandboxLevel if self.problem(level) is None)
+        object.__setattr__(self, "runnable", ALL_LEVELS if runnable == ALL_LEVELS else runnable)
+
+    def problem(self, task_level: models.SandboxLevel | None) -> str | None:
+        """Why this worker cannot run a task of `task_level`; None when it can."""
+        level = effective_level(task_level, self.minimum)
+        reason = self.unavailable.get(level)
+        if reason is None:
+            return None
+        if task_level is None or level is not task_level:
+            return f"{level.value} (its minimum): {reason}"
+        return reason
+
+    def available(self) -> list[models.SandboxLevel]:
+        """The levels a run here can get, least strict first."""
+        return [
+            level
+            for level in models.SandboxLevel
+            if level.rank >= self.minimum.rank and level not in self.unavailable
+        ]
+
+
+def _level_key(level: models.SandboxLevel | None) -> models.SandboxLevel:
+    # no level and `none` are the same to every worker: both get its minimum
+    return models.SandboxLevel.NONE if level is None else level
 
 
 @dataclasses.dataclass(slots=True)
 class WorkerSlot:
-    """A worker's capacity and what its running tasks already use."""
+    """A worker's capacity, its sandbox levels, and what its running tasks already use."""
 
     id: str
     capacity: models.Resources
@@ -49,6 +104,7 @@ class WorkerSlot:
     cpu_used: float = 0.0
     memory_used: int = 0
     accepting: bool = True
+    sandboxes: Sandboxes = dataclasses.field(default_factory=Sandboxes)
 
     @property
     def has_room(self) -> bool:
@@ -90,12 +146,28 @@ def fits_now(req: models.Requirements, slot: WorkerSlot) -> bool:
     return not (req.memory_mb and slot.memory_used + req.memory_mb > slot.capacity.memory_mb)
 
 
-def unfit_reason(req: models.Requirements, capacities: Sequence[models.Resources]) -> str | None:
-    """Why no connected worker could ever run the task, or None if one could."""
-    if not capacities:
+MAX_NAMED_WORKERS = 5
+"""Workers named one by one in a sandbox reason (the rest are counted)."""
+
+
+def unfit_reason(
+    req: models.Requirements,
+    workers: Sequence[WorkerSlot],
+    level: models.SandboxLevel | None = None,
+) -> str | None:
+    """Why no connected worker could ever run the task, or None if one could.
+
+    A worker could if its capacity fits `req` and it can give the task `level`; when the
+    workers that are big enough cannot, the reason names each of them and why.
+    """
+    if not workers:
         return "no worker is connected"
-    if any(fits_capacity(req, cap) for cap in capacities):
+    sized = [w for w in workers if fits_capacity(req, w.capacity)]
+    if any(w.sandboxes.problem(level) is None for w in sized):
         return None
+    if sized:
+        return _sandbox_reason(level, sized)
+    capacities = [w.capacity for w in workers]
     reasons = []
     if req.gpu and not any(cap.gpu for cap in capacities):
         reasons.append("needs a GPU; no connected worker has one")
@@ -113,6 +185,31 @@ def unfit_reason(req: models.Requirements, capacities: Sequence[models.Resources
     return "; ".join(reasons)
 
 
+def _sandbox_reason(level: models.SandboxLevel | None, workers: Sequence[WorkerSlot]) -> str:
+    named = sorted(workers, key=lambda w: w.id)
+    parts = [f"{w.id}: {w.sandboxes.problem(level)}" for w in named[:MAX_NAMED_WORKERS]]
+    if len(named) > MAX_NAMED_WORKERS:
+        parts.append(f"and {len(named) - MAX_NAMED_WORKERS} more")
+    what = f"sandbox level {level.value}" if level is not None else "its sandbox level"
+    return f"no worker can run {what}: " + "; ".join(parts)
+
+
+def common_levels(workers: Sequence[WorkerSlot]) -> frozenset[models.SandboxLevel]:
+    """The task levels every one of `workers` can run."""
+    common = ALL_LEVELS
+    for worker in workers:
+        runnable = worker.sandboxes.runnable
+        if runnable is not ALL_LEVELS:  # (the usual case: a worker that gives every level)
+            common = common & runnable
+    return common
+
+
+def runs_anywhere(cand: Candidate, common: frozenset[models.SandboxLevel]) -> bool:
+    """True for a task any of the workers `common` was computed from could run, given a
+    free job slot: it asks for no resources, and its level is one they all give."""
+    return is_plain(cand.requirements) and _level_key(cand.sandbox_level) in common
+
+
 def is_plain(req: models.Requirements) -> bool:
     """True for a task that asks for nothing: any worker with a free job slot fits it."""
     return not (req.cpu_cores or req.memory_mb or req.gpu or req.labels)
@@ -122,11 +219,12 @@ def _slot_key(slot: WorkerSlot) -> tuple[float, int, str]:
     return (slot.running / slot.max_jobs, slot.running, slot.id)
 
 
-def _best_slot(req: models.Requirements, slots: Sequence[WorkerSlot]) -> WorkerSlot | None:
+def _best_slot(cand: Candidate, slots: Sequence[WorkerSlot]) -> WorkerSlot | None:
+    req, level = cand.requirements, _level_key(cand.sandbox_level)
     best: WorkerSlot | None = None
     best_key: tuple[float, int, str] | None = None
     for slot in slots:
-        if fits_now(req, slot):
+        if level in slot.sandboxes.runnable and fits_now(req, slot):
             key = _slot_key(slot)
             if best_key is None or key < best_key:
                 best, best_key = slot, key
@@ -171,7 +269,8 @@ def plan(
 
     `candidates` holds, per priority, the first queued tasks in FIFO order. The slots in
     `workers` are updated in place to reflect the assignments made. A task without
-    requirements costs O(log workers); one with requirements scans the workers.
+    requirements, at a sandbox level every worker gives, costs O(log workers); any other
+    scans the workers.
     """
     free = sum(max(0, s.max_jobs - s.running) for s in workers if s.accepting)
     heap: list[tuple[float, int, int, models.Priority]] = []
@@ -189,12 +288,13 @@ def plan(
     heapq.heapify(heap)
     index_of = {id(s): i for i, s in enumerate(workers)}
     least = _LeastLoaded(workers)
+    common = common_levels(workers)
     assignments: list[Assignment] = []
     while heap and free > 0:
         _, _, index, priority = heapq.heappop(heap)
         cand = candidates[priority][index]
         req = cand.requirements
-        slot = least.pick() if is_plain(req) else _best_slot(req, workers)
+        slot = least.pick() if runs_anywhere(cand, common) else _best_slot(cand, workers)
         if slot is not None:
             slot.running += 1
             slot.cpu_used += req.cpu_cores

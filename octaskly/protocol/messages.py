@@ -56,6 +56,7 @@ class Challenge(_Message):
 _NAME = pydantic.Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._@:\-]+$")
 _ADDR = pydantic.Field(min_length=3, max_length=300, pattern=r"^[^\s,]+:[0-9]{1,5}$")
 _TERM = pydantic.Field(default=0, ge=0, le=2**62)
+_REASON = pydantic.Field(max_length=1000)
 
 
 class Hello(_Message):
@@ -69,6 +70,10 @@ class Hello(_Message):
     resources: models.Resources
     max_jobs: int = pydantic.Field(ge=1, le=10000)
     sandbox_level: models.SandboxLevel
+    sandbox_unavailable: dict[models.SandboxLevel, Annotated[str, _REASON]] | None = None
+    """The levels at or above `sandbox_level` this worker cannot provide, each with the
+    reason (probed when it started); every other level from `sandbox_level` up it can.
+    Not sent (None): the dispatcher assumes it provides `sandbox_level` and nothing above."""
     running: list[RunRef] = pydantic.Field(default_factory=list, max_length=10000)
     finished: list[RunRef] = pydantic.Field(default_factory=list, max_length=100000)
     purpose: Literal["work", "witness"] = "work"

@@ -403,7 +403,9 @@ class Dispatcher:
             return parked
         if task.not_before and task.not_before > self.clock():
             return "waiting to retry after a failure"
-        return scheduling.unfit_reason(task.spec.requirements, self.peers.capacities())
+        return scheduling.unfit_reason(
+            task.spec.requirements, self.peers.offers(), task.spec.sandbox_level
+        )
 
     async def list_tasks(
         self,
@@ -565,17 +567,17 @@ class Dispatcher:
         candidates: dict[models.Priority, list[queueing.Ref]],
         assignments: list[scheduling.Assignment],
     ) -> None:
-        capacities = self.peers.capacities()
-        if not capacities:
+        offers = self.peers.offers()
+        if not offers:
             return
+        common = scheduling.common_levels(offers)
         assigned = {a.task_id for a in assignments}
         for refs in candidates.values():
             for ref in refs:
-                req = ref.requirements
-                if scheduling.is_plain(req):
+                if scheduling.runs_anywhere(ref, common):
                     continue  # fits any worker: waiting for a free slot, not unfit
                 if ref.id not in assigned:
-                    reason = scheduling.unfit_reason(ref.requirements, capacities)
+                    reason = scheduling.unfit_reason(ref.requirements, offers, ref.sandbox_level)
                     if reason:
                         self.queue.park(ref.id, reason)
 
@@ -1073,14 +1075,20 @@ def _idempotency_conflict(key: str | None) -> errors.ConflictError:
 
 
 def _candidate(task: models.Task) -> queueing.Ref:
+    spec = task.spec
     return scheduling.Candidate(
-        task.id, task.queue_seq, task.spec.priority, task.created_at, task.spec.requirements
+        task.id,
+        task.queue_seq,
+        spec.priority,
+        task.created_at,
+        spec.requirements,
+        spec.sandbox_level,
     )
 
 
 def _ref_candidate(ref: store_base.QueuedRef) -> queueing.Ref:
     return scheduling.Candidate(
-        ref.id, ref.queue_seq, ref.priority, ref.created_at, ref.requirements
+        ref.id, ref.queue_seq, ref.priority, ref.created_at, ref.requirements, ref.sandbox_level
     )
 
 

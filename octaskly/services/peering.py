@@ -43,9 +43,34 @@ class Session:
     outbox: asyncio.Queue[dict[str, Any] | None] = dataclasses.field(default_factory=asyncio.Queue)
     gone: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     """Set when the connection ended."""
+    sandboxes: scheduling.Sandboxes = dataclasses.field(init=False)
+    """The sandbox levels the worker can give its tasks (from its hello)."""
+
+    def __post_init__(self) -> None:
+        self.sandboxes = sandboxes(self.hello)
 
     def send(self, message: messages._Message) -> None:
         self.outbox.put_nowait(messages.to_wire(message))
+
+
+def sandboxes(hello: messages.Hello) -> scheduling.Sandboxes:
+    """The sandbox levels a worker reported it can give. A hello without the report: only
+    the worker's own level is assumed, none stricter (tasks that need more wait for
+    another worker rather than being refused by this one)."""
+    minimum = hello.sandbox_level
+    if hello.sandbox_unavailable is None:
+        unavailable = {
+            level: f"not reported by this worker (only its own level, {minimum.value}, is assumed)"
+            for level in models.SandboxLevel
+            if level.rank > minimum.rank
+        }
+    else:
+        unavailable = {
+            level: reason
+            for level, reason in hello.sandbox_unavailable.items()
+            if level.rank >= minimum.rank
+        }
+    return scheduling.Sandboxes(minimum, unavailable)
 
 
 class Peers:
@@ -72,12 +97,25 @@ class Peers:
                     running=len(s.runs),
                     cpu_used=sum(r.cpu_cores for r in reqs),
                     memory_used=sum(r.memory_mb for r in reqs),
+                    sandboxes=s.sandboxes,
                 )
             )
         return out
 
-    def capacities(self) -> list[models.Resources]:
-        return [s.hello.resources for s in self.sessions.values()]
+    def offers(self) -> list[scheduling.WorkerSlot]:
+        """Every connected worker (draining ones too) as what it could ever run: for
+        telling why a task cannot run anywhere."""
+        return [
+            scheduling.WorkerSlot(
+                id=s.id,
+                capacity=s.hello.resources,
+                max_jobs=s.hello.max_jobs,
+                running=len(s.runs),
+                accepting=not s.draining,
+                sandboxes=s.sandboxes,
+            )
+            for s in self.sessions.values()
+        ]
 
     def is_connected(self, worker_id: str) -> bool:
         return worker_id in self.sessions
@@ -94,6 +132,10 @@ class Peers:
                 "max_jobs": s.hello.max_jobs,
                 "current_jobs": len(s.runs),
                 "sandbox_level": s.hello.sandbox_level.value,
+                "sandbox_levels": [level.value for level in s.sandboxes.available()],
+                "sandbox_unavailable": {
+                    level.value: reason for level, reason in s.sandboxes.unavailable.items()
+                },
                 "state": (
                     models.WorkerState.DRAINING.value
                     if s.draining
@@ -335,13 +377,14 @@ class Peers:
             source_ip=auditing.source_ip(conn.peer),
         )
         log.info(
-            "worker %s joined from %s over %s (%g cores, %d MB, max_jobs %d)",
+            "worker %s joined from %s over %s (%g cores, %d MB, max_jobs %d, sandbox levels %s)",
             session.id,
             conn.peer,
             conn.kind,
             hello.resources.cpu_cores,
             hello.resources.memory_mb,
             hello.max_jobs,
+            ", ".join(level.value for level in session.sandboxes.available()) or "none usable",
         )
         self._d.on_workers_changed()
         return session

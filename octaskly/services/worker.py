@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 FLUSH_SECONDS = 0.05
 FLUSH_BYTES = 64 * 1024
 WITNESS_INTERVAL = 1.0
+MAX_SANDBOX_REASON = 500
+"""Characters of a reason a level is unavailable sent in the hello (bwrap's stderr can be long)."""
 _M = TypeVar("_M")
 
 
@@ -98,6 +100,21 @@ def sandbox_problem(level: models.SandboxLevel, workdir_root: Path) -> str | Non
     """Why this machine cannot run tasks at ``level`` (None when it can): for start-up checks."""
     problem = executing.unavailable(level, workdir_root)
     return None if problem is None else f"not available on this machine: {problem}"
+
+
+def sandbox_report(
+    minimum: models.SandboxLevel, workdir_root: Path
+) -> dict[models.SandboxLevel, str]:
+    """The levels from ``minimum`` up that this machine cannot provide, each with the reason:
+    what the hello reports, so that the dispatcher sends this worker only tasks it can
+    sandbox. Blocking: each sandboxed level runs ``bwrap`` once."""
+    report = {}
+    for level in models.SandboxLevel:
+        if level.rank >= minimum.rank:
+            problem = executing.unavailable(level, workdir_root)
+            if problem is not None:
+                report[level] = problem[:MAX_SANDBOX_REASON]
+    return report
 
 
 def _within_hard_limit(limit: int, soft: int, hard: int) -> tuple[int, int]:
@@ -162,6 +179,8 @@ class Worker:
         self._welcomed = False
         """A session was established since the last reconnect delay was reset."""
         self.draining = False
+        self.sandbox_unavailable: dict[models.SandboxLevel, str] | None = None
+        """The sandbox report of the hello (see `sandbox_report`); None until `run` probed."""
         # Runs reuse the working directories earlier runs left empty (see executing.workdirs).
         self._workdirs = executing.Workdirs(options.workdir_root, keep=options.max_jobs)
         # Read the environment once: iterating os.environ per task costs more than a spawn.
@@ -177,6 +196,7 @@ class Worker:
         the other, refused this worker or failed to prove the cluster key (one bad address
         in a list of several is skipped, not fatal)."""
         executing.install_fast_child_watcher()
+        await self._probe_sandboxes()
         # Workers given the same list of dispatchers start at different places in it
         # (by name, so a restart goes back to the same one): several active dispatchers
         # on one database share the workers; one primary redirects the rest to itself.
@@ -217,6 +237,24 @@ class Worker:
             witnessing.cancel()
             await asyncio.gather(witnessing, return_exceptions=True)
             await self._shutdown()
+
+    async def _probe_sandboxes(self) -> None:
+        minimum, root = self.options.sandbox_level, self.options.workdir_root
+        report = await asyncio.to_thread(sandbox_report, minimum, root)
+        self.sandbox_unavailable = report
+        available = [
+            level.value
+            for level in models.SandboxLevel
+            if level.rank >= minimum.rank and level not in report
+        ]
+        log.info("sandbox levels this worker provides: %s", ", ".join(available) or "no level")
+        for level, reason in report.items():
+            log.warning(
+                "sandbox level %s is not available here (tasks that need it go to other "
+                "workers): %s",
+                level.value,
+                reason,
+            )
 
     def _auth_keys(self) -> list[bytes]:
         self.keys.reload_if_changed()  # a rotated key file is used from the next handshake
@@ -289,6 +327,7 @@ class Worker:
             resources=self.options.resources,
             max_jobs=self.options.max_jobs,
             sandbox_level=self.options.sandbox_level,
+            sandbox_unavailable=self.sandbox_unavailable,
             proof=auth.worker_proof(
                 self._auth_keys()[0],
                 dispatcher_nonce=challenge.nonce,
@@ -504,8 +543,12 @@ class Worker:
     def _refusal(self, assignment: messages.TaskAssignment) -> str | None:
         """A task this worker cannot run as asked is failed, never run with less isolation."""
         level = self._level(assignment)
-        # (checked once per level, by running bwrap: a few ms on the loop, then remembered)
-        problem = executing.unavailable(level, self.options.workdir_root)
+        # Rare: the dispatcher knows the levels this worker reported unavailable (an older
+        # dispatcher, or a machine changed since the start, may still send one). Checked
+        # once per level, by running bwrap: a few ms on the loop, then remembered.
+        problem = (self.sandbox_unavailable or {}).get(level) or executing.unavailable(
+            level, self.options.workdir_root
+        )
         if problem is not None:
             return f"sandbox level {level.value} is not available on this worker: {problem}"
         return None

@@ -49,6 +49,8 @@ class QueuedRef:
     created_at: float
     requirements: models.Requirements
     not_before: float | None = None
+    sandbox_level: models.SandboxLevel | None = None
+    """The level the task asked for (`spec.sandbox_level`)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

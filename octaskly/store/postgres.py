@@ -109,8 +109,10 @@ EXISTING_KEY = (
     "SELECT idempotency_key FROM tasks WHERE coalesce(owner, '') = $1 "
     "AND idempotency_key = ANY($2::text[]) LIMIT 1"
 )
+# (spec is text, kept byte for byte: its sandbox level is read as in SQLite, one parse a row)
 QUEUED_REFS = (
-    "SELECT id, queue_seq, priority, created_at, requirements, not_before FROM tasks "
+    "SELECT id, queue_seq, priority, created_at, requirements, not_before, "
+    "spec::json ->> 'sandbox_level' FROM tasks "
     "WHERE status = 'queued' AND priority = $1 AND queue_seq > $2 ORDER BY queue_seq LIMIT $3"
 )
 RUNNING_TASKS = f"{_SELECT_TASK} WHERE status = 'running' ORDER BY queue_seq"
@@ -780,8 +782,9 @@ class PostgresStore(writing.WriteQueue):
                 created_at=created_at,
                 requirements=queries.requirements(requirements),
                 not_before=not_before,
+                sandbox_level=queries.sandbox_level(level),
             )
-            for task_id, seq, _, created_at, requirements, not_before in rows
+            for task_id, seq, _, created_at, requirements, not_before, level in rows
         ]
 
     async def running_tasks(self) -> list[models.Task]:

@@ -70,9 +70,12 @@ CLEAR_TERMS = "DELETE FROM terms"
 # owner rather than a fresh one per row (SQLite treats NULLs as distinct in UNIQUE).
 FIND_BY_KEY = f"{_SELECT_TASK} WHERE ifnull(owner, '') = ? AND idempotency_key = ?"
 
-# The literal 'queued' (not a parameter) lets the planner use the partial queue index.
+# The literal 'queued' (not a parameter) lets the planner use the partial queue index. The
+# sandbox level is read from the spec ('$.sandbox_level' is the top-level key, never one in
+# `env` or `labels`): one JSON parse per row, about 1 us for a typical spec.
 QUEUED_REFS = (
-    "SELECT id, queue_seq, priority, created_at, requirements, not_before FROM tasks "
+    "SELECT id, queue_seq, priority, created_at, requirements, not_before, "
+    "json_extract(spec, '$.sandbox_level') FROM tasks "
     "WHERE status = 'queued' AND priority = ? AND queue_seq > ? ORDER BY queue_seq LIMIT ?"
 )
 
@@ -258,6 +261,11 @@ def task_from_row(row: Sequence[Any]) -> models.Task:
     data = dict(zip(TASK_FIELDS, row, strict=True))
     data["spec"] = models.TaskSpec.model_validate_json(data["spec"])
     return models.Task.model_validate(data)
+
+
+def sandbox_level(value: str | None) -> models.SandboxLevel | None:
+    """A stored spec's `sandbox_level` (as the queue query reads it)."""
+    return None if value is None else models.SandboxLevel(value)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -355,8 +355,9 @@ class SQLiteStore(writing.WriteQueue):
                 created_at=created_at,
                 requirements=queries.requirements(requirements),
                 not_before=not_before,
+                sandbox_level=queries.sandbox_level(level),
             )
-            for task_id, seq, _, created_at, requirements, not_before in rows
+            for task_id, seq, _, created_at, requirements, not_before, level in rows
         ]
 
     async def running_tasks(self) -> list[models.Task]:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
+from octaskly.services import worker as working
 from tests.cluster import Cluster, running_cluster, until
 
 
@@ -246,12 +248,43 @@ async def test_task_limits_are_enforced(cluster: Cluster) -> None:
     assert record["exit_code"] == 9 and "MemoryError" in record["stderr"]
 
 
-async def test_sandbox_levels_this_worker_cannot_give_are_refused(cluster: Cluster) -> None:
+# The cluster's workdirs are under pytest's tmp_path: a root worker's sandbox user cannot
+# reach them, so its start-up probe finds strict and very-strict unavailable.
+_CANNOT_SANDBOX = pytest.mark.skipif(
+    os.geteuid() != 0, reason="a worker not running as root sandboxes as itself: it can reach"
+)
+
+
+@_CANNOT_SANDBOX
+async def test_a_level_this_worker_cannot_give_waits_for_another_worker(
+    cluster: Cluster,
+) -> None:
+    await cluster.add_worker("w1")
+    marker = cluster.tmp / "ran"
+    task_id = await cluster.submit(command=f"touch {marker}", sandbox_level="very-strict")
+
+    async def says_why() -> bool:
+        reason = (await cluster.task(task_id))["waiting_reason"] or ""
+        return "no worker can run sandbox level very-strict: w1: " in reason
+
+    await until(says_why, what="the waiting reason")
+    assert (await cluster.task(task_id))["status"] == "queued" and not marker.exists()
+
+
+@_CANNOT_SANDBOX
+async def test_a_worker_refuses_a_level_it_can_no_longer_give(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rare case: a worker that reported a level (the machine changed since its start,
+    simulated here by an empty report) is assigned a task it cannot sandbox: it fails the
+    task with the reason and never runs it weaker."""
+    monkeypatch.setattr(working, "sandbox_report", lambda minimum, root: {})
     await cluster.add_worker("w1")
     marker = cluster.tmp / "ran"
     task_id = await cluster.submit(command=f"touch {marker}", sandbox_level="very-strict")
     record = await cluster.wait_status(task_id, "failed")
-    assert "very-strict" in record["error"] and not marker.exists()
+    assert "very-strict" in record["error"] and "not available" in record["error"]
+    assert not marker.exists()
 
 
 async def test_each_task_gets_its_own_workdir_under_work_dir(cluster: Cluster) -> None:

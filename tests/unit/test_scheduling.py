@@ -11,12 +11,31 @@ from octaskly.domain.models import Priority, Requirements, Resources, TaskStatus
 
 POLICY = scheduling.Policy(aging_seconds=60.0)
 NOW = 10_000.0
+Level = models.SandboxLevel
+NONE, BASIC, STRICT, VERY = Level.NONE, Level.BASIC, Level.STRICT, Level.VERY_STRICT
+NO_BWRAP = "bubblewrap (bwrap) is not installed"
+UNREACHABLE = "the sandbox user (uid 65534) cannot reach the task workdirs"
 
 
 def cand(
-    task_id: str, seq: int, prio: Priority = Priority.NORMAL, waited: float = 0.0, **req: object
+    task_id: str,
+    seq: int,
+    prio: Priority = Priority.NORMAL,
+    waited: float = 0.0,
+    level: models.SandboxLevel | None = None,
+    **req: object,
 ) -> scheduling.Candidate:
-    return scheduling.Candidate(task_id, seq, prio, NOW - waited, Requirements(**req))
+    return scheduling.Candidate(task_id, seq, prio, NOW - waited, Requirements(**req), level)
+
+
+def boxes(minimum: models.SandboxLevel = BASIC, **unavailable: str) -> scheduling.Sandboxes:
+    """A worker's sandboxes; `strict="why"`, `very_strict="why"` name levels it lacks."""
+    return scheduling.Sandboxes(
+        minimum, {Level(k.replace("_", "-")): why for k, why in unavailable.items()}
+    )
+
+
+NO_SANDBOX = boxes(strict=NO_BWRAP, very_strict=NO_BWRAP)
 
 
 def slot(
@@ -128,6 +147,10 @@ def test_draining_worker_gets_nothing() -> None:
     assert scheduling.plan(by_class(cand("t", 1)), [w], NOW, POLICY) == []
 
 
+def offers(*caps: Resources) -> list[scheduling.WorkerSlot]:
+    return [scheduling.WorkerSlot(f"w{i}", cap, 1) for i, cap in enumerate(caps)]
+
+
 @pytest.mark.parametrize(
     ("req", "caps", "expected"),
     [
@@ -146,11 +169,145 @@ def test_draining_worker_gets_nothing() -> None:
     ],
 )
 def test_unfit_reason(req: dict[str, object], caps: list[Resources], expected: str | None) -> None:
-    reason = scheduling.unfit_reason(Requirements(**req), caps)  # type: ignore[arg-type]
+    reason = scheduling.unfit_reason(Requirements(**req), offers(*caps))  # type: ignore[arg-type]
     if expected is None:
         assert reason is None
     else:
         assert reason is not None and expected in reason
+
+
+# -- sandbox levels: a worker gets only tasks it can sandbox --------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sandboxes", "task_level", "problem"),
+    [
+        # a task without a level runs at the worker's minimum
+        (NO_SANDBOX, None, None),
+        (NO_SANDBOX, NONE, None),
+        (NO_SANDBOX, BASIC, None),
+        (NO_SANDBOX, STRICT, NO_BWRAP),
+        (NO_SANDBOX, VERY, NO_BWRAP),
+        (boxes(), STRICT, None),
+        (boxes(very_strict="no netns"), STRICT, None),
+        (boxes(very_strict="no netns"), VERY, "no netns"),
+        # a task below the worker's minimum gets the minimum: that is what must work
+        (boxes(STRICT), BASIC, None),
+        (boxes(STRICT, strict=UNREACHABLE), None, f"strict (its minimum): {UNREACHABLE}"),
+        (boxes(STRICT, strict=UNREACHABLE), NONE, f"strict (its minimum): {UNREACHABLE}"),
+        (boxes(VERY), STRICT, None),
+        # a report of a level below the minimum does not matter (no run gets it)
+        (boxes(STRICT, basic="odd"), BASIC, None),
+    ],
+)
+def test_which_task_levels_a_worker_can_run(
+    sandboxes: scheduling.Sandboxes, task_level: models.SandboxLevel | None, problem: str | None
+) -> None:
+    assert sandboxes.problem(task_level) == problem
+    assert (scheduling._level_key(task_level) in sandboxes.runnable) == (problem is None)
+
+
+@pytest.mark.parametrize(
+    ("sandboxes", "available"),
+    [
+        (boxes(), [BASIC, STRICT, VERY]),
+        (NO_SANDBOX, [BASIC]),
+        (boxes(NONE, very_strict="no netns"), [NONE, BASIC, STRICT]),
+        (boxes(VERY), [VERY]),
+        (boxes(STRICT, strict=UNREACHABLE, very_strict=UNREACHABLE), []),
+    ],
+)
+def test_the_levels_a_worker_shows(
+    sandboxes: scheduling.Sandboxes, available: list[models.SandboxLevel]
+) -> None:
+    assert sandboxes.available() == available
+
+
+@pytest.mark.parametrize(
+    ("level", "workers", "expected_worker"),
+    [
+        # the idle worker cannot sandbox: the busier one that can gets the strict task
+        (STRICT, [slot("idle", 4, sandboxes=NO_SANDBOX), slot("able", 4, running=2)], "able"),
+        (STRICT, [slot("w", 4, sandboxes=NO_SANDBOX)], None),
+        (VERY, [slot("a", sandboxes=boxes(very_strict="no netns")), slot("b")], "b"),
+        (VERY, [slot("a", sandboxes=boxes(very_strict="no netns"))], None),
+        # no level, or one at or below the minimum: any worker (least loaded first)
+        (None, [slot("a", 2, running=1), slot("b", 2, sandboxes=NO_SANDBOX)], "b"),
+        (BASIC, [slot("a", 2, running=1), slot("b", 2, sandboxes=NO_SANDBOX)], "b"),
+        (NONE, [slot("vs", sandboxes=boxes(VERY))], "vs"),
+        # a worker whose own minimum fails runs nothing
+        (None, [slot("w", sandboxes=boxes(STRICT, strict=UNREACHABLE))], None),
+        # every worker can: the fast path, least loaded first
+        (STRICT, [slot("a", 2, running=1), slot("b", 2)], "b"),
+    ],
+)
+def test_sandbox_fit(
+    level: models.SandboxLevel | None,
+    workers: list[scheduling.WorkerSlot],
+    expected_worker: str | None,
+) -> None:
+    got = scheduling.plan(by_class(cand("t", 1, level=level)), workers, NOW, POLICY)
+    assert [a.worker_id for a in got] == ([expected_worker] if expected_worker else [])
+
+
+def test_a_task_no_worker_can_sandbox_does_not_block_the_queue() -> None:
+    cands = [cand("strict", 1, level=STRICT), cand("plain", 2), cand("basic", 3, level=BASIC)]
+    got = scheduling.plan(by_class(*cands), [slot("w", 4, sandboxes=NO_SANDBOX)], NOW, POLICY)
+    assert [a.task_id for a in got] == ["plain", "basic"]
+
+
+def offer(worker_id: str, sandboxes: scheduling.Sandboxes, **cap: object) -> scheduling.WorkerSlot:
+    capacity = Resources(**{"cpu_cores": 4, "memory_mb": 4096, **cap})  # type: ignore[arg-type]
+    return scheduling.WorkerSlot(worker_id, capacity, 1, sandboxes=sandboxes)
+
+
+@pytest.mark.parametrize(
+    ("req", "level", "workers", "expected"),
+    [
+        (
+            {},
+            STRICT,
+            [offer("w2", boxes(strict=UNREACHABLE)), offer("w1", NO_SANDBOX)],
+            f"no worker can run sandbox level strict: w1: {NO_BWRAP}; w2: {UNREACHABLE}",
+        ),
+        (
+            {},
+            None,
+            [offer("w1", boxes(STRICT, strict=UNREACHABLE))],
+            f"no worker can run its sandbox level: w1: strict (its minimum): {UNREACHABLE}",
+        ),
+        # only the workers big enough are named: the small one is no help either way
+        (
+            {"cpu_cores": 8},
+            STRICT,
+            [offer("big", NO_SANDBOX, cpu_cores=16), offer("small", boxes())],
+            f"no worker can run sandbox level strict: big: {NO_BWRAP}",
+        ),
+        # nobody is big enough: that is the reason, whatever the levels
+        ({"gpu": True}, STRICT, [offer("w1", NO_SANDBOX)], "needs a GPU"),
+        # one worker can: no reason
+        ({}, STRICT, [offer("w1", NO_SANDBOX), offer("w2", boxes())], None),
+        ({}, BASIC, [offer("w1", NO_SANDBOX)], None),
+        # many workers: the first five by name, then a count
+        (
+            {},
+            VERY,
+            [offer(f"w{i}", NO_SANDBOX) for i in range(7)],
+            f"w4: {NO_BWRAP}; and 2 more",
+        ),
+    ],
+)
+def test_unfit_reason_names_the_workers_that_cannot_sandbox(
+    req: dict[str, object],
+    level: models.SandboxLevel | None,
+    workers: list[scheduling.WorkerSlot],
+    expected: str | None,
+) -> None:
+    reason = scheduling.unfit_reason(Requirements(**req), workers, level)  # type: ignore[arg-type]
+    if expected is None:
+        assert reason is None
+    else:
+        assert reason is not None and expected in reason, reason
 
 
 @pytest.mark.parametrize(
@@ -233,7 +390,17 @@ _req = st.one_of(
     st.fixed_dictionaries({"gpu": st.just(True)}),
     st.fixed_dictionaries({"labels": st.just({"zone": "a"})}),
 )
-_cands = st.lists(st.tuples(st.sampled_from(list(Priority)), _req), max_size=40)
+_levels = st.sampled_from([None, NONE, BASIC, STRICT, VERY])
+_cands = st.lists(st.tuples(st.sampled_from(list(Priority)), _req, _levels), max_size=40)
+_sandboxes = st.sampled_from(
+    [
+        boxes(),
+        NO_SANDBOX,
+        boxes(NONE, very_strict="no netns"),
+        boxes(STRICT),
+        boxes(STRICT, strict=UNREACHABLE, very_strict=UNREACHABLE),
+    ]
+)
 _slots = st.lists(
     st.tuples(
         st.integers(1, 4),
@@ -241,6 +408,7 @@ _slots = st.lists(
         st.booleans(),
         st.sampled_from([{}, {"zone": "a"}]),
         st.booleans(),
+        _sandboxes,
     ),
     max_size=12,
 )
@@ -259,7 +427,12 @@ def _reference_plan(
     )  # fmt: skip
     out = []
     for c in order:
-        fitting = [s for s in slots if scheduling.fits_now(c.requirements, s)]
+        fitting = [
+            s
+            for s in slots
+            if scheduling.fits_now(c.requirements, s)
+            and s.sandboxes.problem(c.sandbox_level) is None
+        ]
         if fitting:
             s = min(fitting, key=lambda s: (s.running / s.max_jobs, s.running, s.id))
             s.running += 1
@@ -269,11 +442,16 @@ def _reference_plan(
     return out
 
 
+_RawCand = tuple[Priority, dict[str, object], models.SandboxLevel | None]
+_RawSlot = tuple[int, int, bool, dict[str, str], bool, scheduling.Sandboxes]
+
+
 def _build(
-    raw_cands: list[tuple[Priority, dict[str, object]]],
-    raw_slots: list[tuple[int, int, bool, dict[str, str], bool]],
+    raw_cands: list[_RawCand], raw_slots: list[_RawSlot]
 ) -> tuple[dict[Priority, list[scheduling.Candidate]], list[scheduling.WorkerSlot]]:
-    cands = by_class(*(cand(f"t{i}", i, p, **r) for i, (p, r) in enumerate(raw_cands)))
+    cands = by_class(
+        *(cand(f"t{i}", i, p, level=lv, **r) for i, (p, r, lv) in enumerate(raw_cands))
+    )
     slots = [
         scheduling.WorkerSlot(
             f"w{i}",
@@ -281,8 +459,9 @@ def _build(
             max_jobs,
             min(running, max_jobs),
             accepting=accepting,
+            sandboxes=sandboxes,
         )
-        for i, (max_jobs, running, gpu, labels, accepting) in enumerate(raw_slots)
+        for i, (max_jobs, running, gpu, labels, accepting, sandboxes) in enumerate(raw_slots)
     ]
     return cands, slots
 
@@ -290,8 +469,7 @@ def _build(
 @hypothesis.given(_cands, _slots)
 @hypothesis.settings(max_examples=300, deadline=None)
 def test_plan_matches_full_scan_and_respects_capacity(
-    raw_cands: list[tuple[Priority, dict[str, object]]],
-    raw_slots: list[tuple[int, int, bool, dict[str, str], bool]],
+    raw_cands: list[_RawCand], raw_slots: list[_RawSlot]
 ) -> None:
     cands, slots = _build(raw_cands, raw_slots)
     ref_cands, ref_slots = _build(raw_cands, raw_slots)
@@ -301,3 +479,8 @@ def test_plan_matches_full_scan_and_respects_capacity(
         assert s.running <= s.max_jobs
         assert s.cpu_used <= s.capacity.cpu_cores and s.memory_used <= s.capacity.memory_mb
     assert len({a.task_id for a in got}) == len(got)
+    # never a task to a worker that cannot give it its sandbox level
+    tasks = {c.id: c for seq in cands.values() for c in seq}
+    workers = {s.id: s for s in slots}
+    for a in got:
+        assert workers[a.worker_id].sandboxes.problem(tasks[a.task_id].sandbox_level) is None
