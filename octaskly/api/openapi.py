@@ -268,6 +268,8 @@ def _task_paths() -> dict[str, Any]:
         "/api/v1/tasks": {
             "post": {
                 "summary": "Submit a task",
+                "description": "With a client token, a task without sandbox_level gets "
+                "client_min_sandbox_level (default strict) and one asking for less is a 400.",
                 "parameters": [idem],
                 "requestBody": {"required": True, "content": _json_content(_ref("TaskSpec"))},
                 "responses": {
@@ -322,6 +324,8 @@ def _task_paths() -> dict[str, Any]:
         "/api/v1/tasks/batch": {
             "post": {
                 "summary": "Submit many tasks, all or nothing",
+                "description": "With a client token, each task is held to "
+                "client_min_sandbox_level as on a single submit.",
                 "parameters": [idem],
                 "requestBody": {
                     "required": True,

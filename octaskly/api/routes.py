@@ -141,11 +141,13 @@ async def _body(request: web.Request) -> Any:
     return body
 
 
-def _spec(raw: Any, where: str = "") -> models.TaskSpec:
+def _spec(
+    raw: Any, where: str = "", min_sandbox: models.SandboxLevel | None = None
+) -> models.TaskSpec:
     if not isinstance(raw, dict):
         raise HTTPProblem(400, f"{where or 'body'}: expected a JSON object", field=where or None)
     try:
-        return _spec_adapter.validate_python(raw)
+        spec = _spec_adapter.validate_python(raw)
     except pydantic.ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"])
@@ -154,6 +156,23 @@ def _spec(raw: Any, where: str = "") -> models.TaskSpec:
         if first["type"] == "extra_forbidden":
             message = "unknown field"
         raise HTTPProblem(400, f"{field}: {message}", field=field) from None
+    if min_sandbox is None:
+        return spec
+    try:
+        return spec.with_min_sandbox_level(min_sandbox)
+    except ValueError as exc:
+        field = f"{where}.sandbox_level" if where else "sandbox_level"
+        raise HTTPProblem(400, f"{field}: {exc}", field=field) from None
+
+
+def _min_sandbox(request: web.Request) -> models.SandboxLevel | None:
+    """The least sandbox level of the caller's tasks: `client_min_sandbox_level` for a
+    client token; None (no minimum) for the other roles — and with authentication off,
+    where every caller is admin."""
+    if request[middleware.PRINCIPAL_KEY].role != "client":
+        return None
+    level = _dispatcher(request).options.client_min_sandbox_level
+    return None if level is models.SandboxLevel.NONE else level
 
 
 def _check_query(request: web.Request, allowed: set[str]) -> None:
@@ -262,7 +281,7 @@ def _audit_submit(request: web.Request, ids: list[str]) -> None:
 async def submit(request: web.Request) -> web.Response:
     middleware.require(request, TASKS, "submit tasks")
     _check_query(request, set())
-    spec = _spec(await _body(request))
+    spec = _spec(await _body(request), min_sandbox=_min_sandbox(request))
     tasks, created = await _dispatcher(request).submit(
         [spec],
         owner=_owner(request),
@@ -291,7 +310,8 @@ async def submit_batch(request: web.Request) -> web.Response:
     items = raw["tasks"]
     if not 1 <= len(items) <= MAX_BATCH:
         raise HTTPProblem(400, f"tasks: a batch holds 1 to {MAX_BATCH} tasks", field="tasks")
-    specs = [_spec(item, f"tasks[{i}]") for i, item in enumerate(items)]
+    floor = _min_sandbox(request)
+    specs = [_spec(item, f"tasks[{i}]", floor) for i, item in enumerate(items)]
     tasks, created = await _dispatcher(request).submit(
         specs,
         owner=_owner(request),

@@ -36,6 +36,7 @@ DISPATCHER_KEYS = [
     "auto_failover",
     "node_name",
     "lease_seconds",
+    "client_min_sandbox_level",
     "quic_enabled",
     "task_queue_size",
     "keepalive_interval",

@@ -107,6 +107,7 @@ def dispatcher_options(settings: config_settings.Settings, secret: bytes) -> dis
         ),
         audit_retention_days=settings.storage.log_retention_days,
         task_retention_hours=settings.storage.task_retention_hours,
+        client_min_sandbox_level=settings.dispatcher.client_min_sandbox_level,
     )
 
 

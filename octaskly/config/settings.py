@@ -297,6 +297,12 @@ class DispatcherSettings(_Table):
         description="With db_url: seconds a dispatcher's runs stay its own without a "
         "renewal; after that another dispatcher takes them over",
     )
+    client_min_sandbox_level: models.SandboxLevel = Field(
+        default=models.SandboxLevel.STRICT,
+        description="Least sandbox level of a task submitted with a client token: one "
+        "without sandbox_level gets it, one asking for less is refused (none: no minimum); "
+        "such tasks go only to workers that can provide the level",
+    )
 
     @pydantic.field_validator("primary_addr")
     @classmethod

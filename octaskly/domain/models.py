@@ -263,6 +263,19 @@ class TaskSpec(_Strict):
             preset=self.limits_preset, **{name: getattr(self, name) for name in _LIMIT_FIELDS}
         )
 
+    def with_min_sandbox_level(self, minimum: SandboxLevel) -> TaskSpec:
+        """This spec held to at least `minimum`: without a level it gets `minimum` (kept in
+        the spec, so the record, the standby and every scheduler see it); a lower level
+        is refused with ValueError."""
+        if self.sandbox_level is None:
+            return self.model_copy(update={"sandbox_level": minimum})
+        if self.sandbox_level.rank < minimum.rank:
+            raise ValueError(
+                f"{self.sandbox_level.value} is below {minimum.value}, the least sandbox "
+                "level of a task submitted with a client token (client_min_sandbox_level)"
+            )
+        return self
+
     @pydantic.field_validator("env")
     @classmethod
     def _env(cls, value: dict[str, str]) -> dict[str, str]:

@@ -70,6 +70,9 @@ class Options:
     task_retention_hours: float = 0
     """Delete finished tasks this many hours after they finished ([storage]
     task_retention_hours; checked every PRUNE_SECONDS by the primary); 0: keep all."""
+    client_min_sandbox_level: models.SandboxLevel = models.SandboxLevel.STRICT
+    """The least sandbox level of a task submitted with a `client` token ([dispatcher]
+    client_min_sandbox_level; applied by the API at submit)."""
 
 
 @dataclasses.dataclass(slots=True)

@@ -84,6 +84,7 @@ def test_defaults_without_any_source(sandbox: Env) -> None:
     s = loaded.settings
     assert (s.network.port, s.network.api_port, s.network.bind_address) == (5555, 3000, "0.0.0.0")
     assert s.worker.sandbox_level is models.SandboxLevel.BASIC
+    assert s.dispatcher.client_min_sandbox_level is models.SandboxLevel.STRICT
     assert s.storage.sqlite_synchronous == "full"
     assert s.storage.task_retention_hours == 720  # 30 days; 0 keeps tasks for ever
     assert s.performance.worker_threads >= 1
@@ -107,6 +108,8 @@ PRECEDENCE = [
     ("labels", '{ zone = "a" }', "zone=b,gpu=x", ["zone=c"],
      {"zone": "a"}, {"zone": "b", "gpu": "x"}, {"zone": "c"}),
     ("sandbox_level", '"strict"', "none", "very-strict", "strict", "none", "very-strict"),
+    ("client_min_sandbox_level", '"basic"', "none", "very-strict",
+     "basic", "none", "very-strict"),
     ("db_path", '"/f/a.db"', "/e/a.db", "/g/a.db",
      Path("/f/a.db"), Path("/e/a.db"), Path("/g/a.db")),
     ("whitelist", '["w1"]', "w2, w3", ["w4"], ("w1",), ("w2", "w3"), ("w4",)),
@@ -264,6 +267,21 @@ FILE_ERRORS = [
     ("[dispatcher]\nrole = 'standby'\n", ["role standby needs primary_addr", "c.toml:2"]),
     ("[dispatcher]\nprimary_addr = 'host'\n", ["primary_addr", "HOST:PORT"]),
     ("[dispatcher]\nreplication = 'eventual'\n", ["replication", "'sync' or 'async'"]),
+    # a security minimum: every value that is not exactly a level is refused, never defaulted
+    ("[dispatcher]\nclient_min_sandbox_level = 'paranoid'\n",
+     ["c.toml:2:", "[dispatcher] client_min_sandbox_level", "'very-strict'", "paranoid"]),
+    ("[dispatcher]\nclient_min_sandbox_level = ''\n",
+     ["client_min_sandbox_level", "must be 'none', 'basic', 'strict' or 'very-strict'"]),
+    ("[dispatcher]\nclient_min_sandbox_level = 'STRICT'\n", ["client_min_sandbox_level", "STRICT"]),
+    ("[dispatcher]\nclient_min_sandbox_level = 'strict '\n", ["client_min_sandbox_level"]),
+    ("[dispatcher]\nclient_min_sandbox_level = 2\n",
+     ["client_min_sandbox_level", "expected a string"]),
+    ("[dispatcher]\nclient_min_sandbox_level = true\n",
+     ["client_min_sandbox_level", "expected a string"]),
+    ("[dispatcher]\nclient_min_sandbox_level = ['strict']\n",
+     ["client_min_sandbox_level", "expected a string"]),
+    ("[worker]\nclient_min_sandbox_level = 'basic'\n",
+     ['"client_min_sandbox_level" belongs in [dispatcher]']),
     ("[worker]\ndispatcher_addr = ['h:0']\n", ["dispatcher_addr", "between 1 and 65535"]),
     ("[worker]\ndispatcher_addr = [':5555']\n", ["dispatcher_addr", "HOST:PORT"]),
     ("[worker]\ndispatcher_addr = ['::1:5555']\n", ["dispatcher_addr", "brackets"]),
@@ -325,6 +343,12 @@ ENV_ERRORS = [
     ({"OCTASKLY_LEASE_SECONDS": "soon"}, "OCTASKLY_LEASE_SECONDS=soon: expected a number"),
     ({"OCTASKLY_DB_URL": "postgres://x@y/z"},
      "OCTASKLY_DB_URL=postgres://x@y/z: must start with postgresql"),
+    ({"OCTASKLY_CLIENT_MIN_SANDBOX_LEVEL": "max"},
+     "OCTASKLY_CLIENT_MIN_SANDBOX_LEVEL=max: must be 'none', 'basic', 'strict' or 'very-strict'"),
+    # empty is not "unset": the key is not optional, and a security minimum is never guessed
+    ({"OCTASKLY_CLIENT_MIN_SANDBOX_LEVEL": ""}, "OCTASKLY_CLIENT_MIN_SANDBOX_LEVEL=: must be"),
+    ({"OCTASKLY_CLIENT_MIN_SANDBOX_LEVEL": "very_strict"},
+     "OCTASKLY_CLIENT_MIN_SANDBOX_LEVEL=very_strict: must be"),
 ]  # fmt: skip
 
 
@@ -352,6 +376,7 @@ FLAG_ERRORS = [
     ({"lease_seconds": "601"}, "--lease-seconds=601: must be between 3 and 600"),
     ({"lease_seconds": "-5"}, "--lease-seconds=-5: must be between 3 and 600"),
     ({"db_url": "file:///etc/passwd"}, "--db-url=file:///etc/passwd: must start with postgresql"),
+    ({"client_min_sandbox_level": "off"}, "--client-min-sandbox-level=off: must be"),
 ]  # fmt: skip
 
 
