@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from octaskly.domain import models, output
-from octaskly.executing import sandboxing, tails, workdirs
+from octaskly.executing import containment, sandboxing, tails, workdirs
 from octaskly.executing.workdirs import Workdirs
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,9 @@ class ExecRequest:
     wall-clock seconds; ``output_limit`` is how many bytes of the tail of each stream are
     kept; ``rlimits`` maps ``resource.RLIMIT_*`` to ``(soft, hard)`` limits set in the
     child (inside the sandbox, from ``strict`` on); ``hidden`` are more paths a sandboxed
-    task must not see (the worker's data directory, its key file).
+    task must not see (the worker's data directory, its key file); ``exposed`` more paths
+    it sees read-only (``sandbox_read_only_paths``); ``task_user`` the uid/gid a root
+    worker runs ``none``/``basic`` tasks as (None: as itself).
     """
 
     task_id: str
@@ -113,6 +115,8 @@ class ExecRequest:
     rlimits: Mapping[int, tuple[int, int]] = dataclasses.field(default_factory=dict)
     sandbox_level: models.SandboxLevel = models.SandboxLevel.NONE
     hidden: tuple[Path, ...] = ()
+    exposed: tuple[Path, ...] = ()
+    task_user: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if not self.timeout > 0:
@@ -158,6 +162,8 @@ class Execution:
 
     ``base_env`` defaults to ``os.environ`` (read when the run starts). ``kill_grace`` and
     ``drain_timeout`` default to :data:`KILL_GRACE_SECONDS` and :data:`DRAIN_SECONDS`.
+    ``contain`` is how ``none``/``basic`` runs are kept whole (the worker detects it once,
+    :func:`~octaskly.executing.containment.detect`); None: the process group only.
     Use it from one event loop thread; it runs once.
     """
 
@@ -170,9 +176,11 @@ class Execution:
         kill_grace: float = KILL_GRACE_SECONDS,
         drain_timeout: float = DRAIN_SECONDS,
         workdirs: Workdirs | None = None,
+        contain: containment.Containment | None = None,
     ) -> None:
         self.request = request
         self._workdirs = workdirs
+        self._contain = contain
         self._on_output = on_output
         self._base_env = base_env
         self._workdir: Path | None = None
@@ -246,17 +254,48 @@ class Execution:
         protocol = _Protocol(loop, buffers, self._on_output, request.task_id)
         try:
             launch = self._launch(workdir)
-        except (sandboxing.Unavailable, OSError) as exc:
+        except (sandboxing.Unavailable, OSError, ValueError) as exc:
             return not_run("failed", f"could not start: {exc}")
+        argv, group = launch.argv, None
+        contain = self._contain
+        if contain is not None and not sandboxing.is_sandboxed(request.sandbox_level):
+            argv = contain.wrap(argv)
+            if contain.uses_cgroup:
+                try:
+                    group = contain.new_group()
+                except OSError as exc:
+                    return not_run("failed", f"could not start: cannot make its cgroup: {exc}")
+        try:
+            return await self._spawn(argv, launch, workdir, protocol, buffers, group)
+        finally:
+            if group is not None:
+                await group.remove()
+
+    async def _spawn(
+        self,
+        argv: list[str],
+        launch: sandboxing.Launch,
+        workdir: Path,
+        protocol: _Protocol,
+        buffers: dict[str, tails.TailBuffer],
+        group: containment.RunGroup | None,
+    ) -> ExecResult:
+        request, loop = self.request, asyncio.get_running_loop()
         switch_user: dict[str, Any] = {}
         if launch.user is not None:
             switch_user = {"user": launch.user, "group": launch.group, "extra_groups": []}
+        # The task's environment goes in on stdin (never in argv or the launchers' env);
+        # the shell waits for it, so it runs nothing of the task's before we let it.
+        env_in, env_out = os.pipe()
+        feed = _Feed(env_out)
         started = time.monotonic()
         try:
+            if launch.user is not None:
+                os.fchown(env_in, launch.user, launch.group or 0)  # (its shell reopens it)
             transport, _ = await loop.subprocess_exec(
                 lambda: protocol,
-                *launch.argv,
-                stdin=subprocess.DEVNULL,
+                *argv,
+                stdin=env_in,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 cwd=workdir,
@@ -267,17 +306,33 @@ class Execution:
                 **switch_user,
             )
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            feed.close()
             return not_run("failed", f"could not start: {exc}")
+        finally:
+            os.close(env_in)
         self._pid = pgid = transport.get_pid()
         log.debug("task %s attempt %d: pid %d", request.task_id, request.attempt, pgid)
         try:
             try:
-                stopped = await self._supervise(pgid, protocol)
+                if group is not None:
+                    try:
+                        group.add(pgid)  # (its shell waits for its environment: no children)
+                    except OSError as exc:
+                        # It reads no complete environment: it exits 126 having run nothing.
+                        log.warning(
+                            "task %s: cannot move it into %s: %s", request.task_id, group.path, exc
+                        )
+                        return not_run("failed", f"could not start: cannot contain it: {exc}")
+                await feed.send(launch.stdin)
+                stopped = await self._supervise(pgid, protocol, group)
                 duration_ms = int((time.monotonic() - started) * 1000)
             finally:
                 # Background processes the shell left (or all of them, if run() itself
-                # was cancelled): nothing of the group outlives the run.
+                # was cancelled): nothing of the run outlives it.
                 _signal_group(pgid, signal.SIGKILL)
+                if group is not None:
+                    group.kill()
+                feed.close()
             await self._drain(protocol)
         finally:
             transport.close()
@@ -295,9 +350,10 @@ class Execution:
         # Unsandboxed runs set their limits with the shell's ulimit (an extra exec of
         # prlimit per task would cost about as much as the shell itself).
         sandboxed = sandboxing.is_sandboxed(level)
+        script = sandboxing.shell_prologue() + request.command
         return sandboxing.prepare(
             level,
-            command=_argv(request.command, request.rlimits, sandboxed=sandboxed),
+            command=_argv(script, request.rlimits, sandboxed=sandboxed),
             base_env=os.environ if self._base_env is None else self._base_env,
             env=request.env,
             task_id=request.task_id,
@@ -305,10 +361,14 @@ class Execution:
             workdir=workdir,
             workdir_root=request.workdir_root,
             hidden=request.hidden,
+            exposed=request.exposed,
             tmp_size=None if fsize is None or fsize[0] == resource.RLIM_INFINITY else fsize[0],
+            task_user=request.task_user,
         )
 
-    async def _supervise(self, pgid: int, protocol: _Protocol) -> Status | None:
+    async def _supervise(
+        self, pgid: int, protocol: _Protocol, group: containment.RunGroup | None
+    ) -> Status | None:
         """Wait for the exit, the timeout or cancel(); returns why we stopped it, if we did."""
         assert self._wakeup is not None
         await asyncio.wait(
@@ -321,8 +381,12 @@ class Execution:
         reason: Status = "cancelled" if self._wakeup.done() else "timed_out"
         log.debug("task %s: %s, stopping group %d", self.request.task_id, reason, pgid)
         _signal_group(pgid, signal.SIGTERM)
+        if group is not None:
+            group.signal(signal.SIGTERM)
         await asyncio.wait((protocol.exited,), timeout=self._kill_grace)
         _signal_group(pgid, signal.SIGKILL)
+        if group is not None:
+            group.kill()
         await protocol.exited
         return reason
 
@@ -484,6 +548,42 @@ def _find_prlimit() -> str | None:
 
 def _prlimit_value(value: int) -> str:
     return "unlimited" if value == resource.RLIM_INFINITY else str(value)
+
+
+#: What a pipe takes without blocking (Linux's default capacity); more is written off the loop.
+_PIPE_CAPACITY = 65536
+
+
+class _Feed:
+    """The write end of a run's stdin pipe: the task's environment goes through it once."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._transport: asyncio.WriteTransport | None = None
+
+    async def send(self, data: bytes) -> None:
+        """Write ``data`` and close (the shell reads to the end of its input)."""
+        if len(data) <= _PIPE_CAPACITY:
+            with contextlib.suppress(BrokenPipeError):  # (a failed start: its status says why)
+                os.write(self._fd, data)  # a new, empty pipe takes it at once
+            self.close()
+            return
+        pipe = os.fdopen(self._fd, "wb", buffering=0)
+        self._fd = -1
+        transport, _ = await asyncio.get_running_loop().connect_write_pipe(
+            asyncio.BaseProtocol, pipe
+        )
+        self._transport = transport
+        transport.write(data)
+        transport.close()  # once all is written
+
+    def close(self) -> None:
+        """Close now (idempotent)."""
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+        if self._transport is not None:
+            self._transport.abort()
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:

@@ -5,33 +5,44 @@ a task may ask for more isolation than the worker's minimum, never for less.
 
 ``none``
     The worker's environment minus every ``OCTASKLY_*`` variable; own session, process
-    group and workdir; rlimits.
+    group, cgroup (see :mod:`~octaskly.executing.containment`) and workdir; rlimits. On a
+    root worker the task runs as ``task_user`` (default ``nobody``, :data:`SANDBOX_UID`).
 ``basic``
     As ``none``, but the environment is an allow-list: ``HOME``, ``LANG``, ``LANGUAGE``,
     ``LC_*``, ``TZ``, ``TERM``, ``USER``, ``LOGNAME``, and ``PATH`` set to the standard
     system directories (:data:`SAFE_PATH`). Tokens, keys and passwords in the worker's
-    environment never reach the task. Not a security boundary: the task runs as the
-    worker's user.
+    environment never reach the task. Not a boundary against the task: it runs as the
+    worker's user (or ``task_user``) and sees what that user may read.
 ``strict``
     ``bwrap`` (Linux, Debian package ``bubblewrap``): a user, PID, IPC, UTS and cgroup
-    namespace; the system read-only (``--ro-bind / /``); a private ``/tmp`` (tmpfs) and
-    the workdir (bound at its own path) are the only writable places; ``/home``, ``/root``,
-    ``/run/user``, ``/etc/octaskly``, the worker's home and data directory and the workdir
-    root are hidden behind empty read-only mounts (so other tasks' workdirs are out of
-    sight); ``HOME`` is an empty read-only directory; the environment is ``PATH``,
-    ``HOME``, ``LANG``, ``LANGUAGE``, ``LC_*``, ``TZ``, ``TERM``; no view of the worker's
-    (or any other) processes; no new user namespaces inside; ``--die-with-parent``. A
-    worker running as root starts ``bwrap`` as uid/gid 65534 with no supplementary groups
-    (:data:`SANDBOX_UID`), so the process limit applies; the rlimits are set inside the
-    sandbox, where the kernel counts processes per user namespace, i.e. per task.
+    namespace and an **allow-list** of what the task sees: the system directories needed
+    to run programs, read-only (:data:`SYSTEM_PATHS`, ``/etc`` without ``/etc/octaskly``,
+    and what the operator lists in ``sandbox_read_only_paths``), a fresh ``/dev`` and
+    ``/proc``, a private ``/tmp`` (tmpfs) and its own workdir (bound at its own path),
+    nothing else: no homes, no data directories, no other workdirs, no ``/srv``, ``/opt``,
+    ``/var``, whoever the worker runs as. ``HOME`` is an empty read-only directory; the
+    environment is ``PATH``, ``HOME``, ``LANG``, ``LANGUAGE``, ``LC_*``, ``TZ``, ``TERM``; no
+    view of the worker's (or any other) processes; no new user namespaces inside;
+    ``--die-with-parent``. A worker running as root starts ``bwrap`` as uid/gid 65534 with
+    no supplementary groups (:data:`SANDBOX_UID`), so the process limit applies; the
+    rlimits are set inside the sandbox, where the kernel counts processes per user
+    namespace, i.e. per task.
 ``very-strict``
     As ``strict``, plus its own network namespace (loopback only: no network), an empty
     environment (only the task's ``env`` and ``OCTASKLY_TASK_ID``/``ATTEMPT``/``WORKDIR``)
     and no writable place but the workdir (``/tmp`` and ``/dev`` read-only).
 
+The task's own ``env`` never reaches a process outside the task: ``bwrap``, ``unshare``,
+``prlimit`` and the shell that applies the limits all start with a fixed environment
+(:func:`launcher_env`); the task's variables are read by the task's shell from its
+standard input (:func:`env_script`) right before the command, so a loader or interpreter
+hook (``LD_PRELOAD``, ``GCONV_PATH``, ``BASH_ENV``...) only ever runs in the task's own
+processes, inside its sandbox and limits.
+
 A killed sandbox leaves nothing behind: ``bwrap`` stays in the run's process group, and its
-PID namespace dies with its init. :func:`task_env` and :func:`bwrap_argv` are pure;
-:func:`prepare` adds what depends on the machine, :func:`unavailable` checks it can work.
+PID namespace dies with its init. :func:`task_env`, :func:`launcher_env`,
+:func:`env_script` and :func:`bwrap_argv` are pure; :func:`prepare` adds what depends on
+the machine, :func:`unavailable` checks it can work.
 """
 
 from __future__ import annotations
@@ -61,13 +72,29 @@ SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: Who a root worker's sandboxed tasks run as (``nobody``/``nogroup`` on Debian).
 SANDBOX_UID = 65534
 SANDBOX_GID = 65534
-#: Directories a ``strict`` task never sees: the homes, users' runtime directories (agent
-#: sockets), the system configuration of octaskly (it may hold the cluster key).
-ALWAYS_HIDDEN = (Path("/home"), Path("/root"), Path("/run/user"), Path("/etc/octaskly"))
+#: Directories a ``strict`` task never sees, even where a directory it sees holds them:
+#: the system configuration of octaskly (it may hold the cluster key), the homes.
+ALWAYS_HIDDEN = (Path("/etc/octaskly"), Path("/home"), Path("/root"), Path("/run/user"))
+#: What a ``strict`` task sees of the system, read-only (those that exist; symlinks, as on
+#: merged-/usr systems, are recreated as symlinks), with ``/etc``.
+SYSTEM_PATHS = (
+    Path("/usr"),
+    Path("/bin"),
+    Path("/sbin"),
+    Path("/lib"),
+    Path("/lib32"),
+    Path("/lib64"),
+    Path("/libx32"),
+    Path("/etc"),
+)
+#: The name of the variable the task's shell checks after reading its environment: the
+#: worker writes it last, once the run is contained (a run never starts half-set-up).
+READY_VAR = "OCTASKLY_READY"
 
 _BASIC_KEEP = frozenset({"HOME", "LANG", "LANGUAGE", "TZ", "TERM", "USER", "LOGNAME"})
 _STRICT_KEEP = frozenset({"LANG", "LANGUAGE", "TZ", "TERM"})
 _LOCALE_VAR = re.compile(r"^LC_[A-Z]+$")
+_SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Never hidden behind a tmpfs, whatever the configuration says: the sandbox needs them.
 _SYSTEM_DIRS = frozenset(
     Path(p) for p in ("/", "/bin", "/sbin", "/lib", "/lib64", "/usr", "/etc", "/var", "/dev")
@@ -101,10 +128,34 @@ def task_env(
     workdir: Path,
     home: Path | None = None,
 ) -> dict[str, str]:
-    """The environment of a run at ``level``.
+    """The environment a task's command sees at ``level``.
 
-    ``base_env`` is the worker's environment, ``env`` the task's own (applied on top);
-    ``home`` is ``HOME`` inside a ``strict`` sandbox.
+    ``base_env`` is the worker's environment, ``env`` the task's own (applied on top of
+    :func:`launcher_env`; the run's own ``OCTASKLY_*`` ids win); ``home`` is ``HOME``
+    inside a ``strict`` sandbox.
+    """
+    result = launcher_env(
+        level, base_env, task_id=task_id, attempt=attempt, workdir=workdir, home=home
+    )
+    result.update({k: v for k, v in env.items() if k not in _RUN_IDS})
+    return result
+
+
+_RUN_IDS = frozenset({"OCTASKLY_TASK_ID", "OCTASKLY_ATTEMPT", "OCTASKLY_WORKDIR"})
+
+
+def launcher_env(
+    level: Level,
+    base_env: Mapping[str, str],
+    *,
+    task_id: str,
+    attempt: int,
+    workdir: Path,
+    home: Path | None = None,
+) -> dict[str, str]:
+    """The fixed environment the processes that start a run (``bwrap``, ``unshare``,
+    ``prlimit``, the shell that applies the limits) get at ``level``: nothing of the task's
+    own ``env``, which the task's shell reads itself (:func:`env_script`).
     """
     result: dict[str, str]
     if level is Level.NONE:
@@ -119,18 +170,60 @@ def task_env(
             result["HOME"] = str(home)
     else:
         result = {}
-    result.update(env)
     result["OCTASKLY_TASK_ID"] = task_id
     result["OCTASKLY_ATTEMPT"] = str(attempt)
     result["OCTASKLY_WORKDIR"] = str(workdir)
     return result
 
 
+def env_script(env: Mapping[str, str]) -> bytes:
+    """Shell code exporting ``env`` (the task's own variables), then setting
+    :data:`READY_VAR`: what the task's shell reads from its standard input.
+
+    The run's own ``OCTASKLY_*`` ids are not overridden. Raises ValueError for a name that
+    is not a shell identifier or a value holding NUL (the API refuses both already; this
+    is shell code, so it checks again).
+    """
+    for name, value in env.items():
+        if not _SHELL_NAME.fullmatch(name):
+            raise ValueError(f"environment variable name {name!r} is not valid")
+        if "\0" in value:
+            raise ValueError(f"environment variable {name!r} contains a NUL byte")
+    lines = [
+        f"export {name}={_quote(value)}\n" for name, value in env.items() if name not in _RUN_IDS
+    ]
+    lines.append(f"{READY_VAR}=1\n")
+    return "".join(lines).encode("utf-8", "surrogateescape")
+
+
+def shell_prologue() -> str:
+    """The start of the task's shell script: read the environment from standard input
+    (:func:`env_script`), refuse to go on unless it was complete, then give the command
+    /dev/null as its input. One line: the command's own line numbers stay as they were.
+    """
+    return (
+        f'. /dev/stdin && [ "${{{READY_VAR}-}}" = 1 ] || exit 126; '
+        f"unset {READY_VAR}; exec </dev/null; "
+    )
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("'", "'\\''") + "'"
+
+
 @dataclasses.dataclass(frozen=True)
 class Mounts:
-    """What a sandbox hides and where its workdir is; paths are absolute and exist."""
+    """What a sandbox sees; paths are absolute and exist.
+
+    ``exposed`` are the read-only directories and files (system ones and the operator's);
+    ``symlinks`` are ``(target, path)`` pairs recreated as they are on the host (``/bin``
+    -> ``usr/bin``); ``hidden_dirs`` and ``hidden_files`` lie inside exposed directories
+    and are covered (an empty read-only directory, /dev/null).
+    """
 
     workdir: Path
+    exposed: tuple[Path, ...] = ()
+    symlinks: tuple[tuple[str, Path], ...] = ()
     hidden_dirs: tuple[Path, ...] = ()
     hidden_files: tuple[Path, ...] = ()
     home: Path | None = None
@@ -148,8 +241,10 @@ def bwrap_argv(
 ) -> list[str]:
     """The bubblewrap command line that runs ``command`` at ``level`` (strict or stricter).
 
-    Mount order matters to bwrap: the read-only root, /dev, /proc, the tmpfs masks, the
-    workdir bound at its own path on top of them, then the masks made read-only.
+    The root is bubblewrap's empty tmpfs: on it only what is listed appears, then it is
+    made read-only. Mount order matters to bwrap: the exposed paths, /dev, /proc, /tmp, the
+    masks inside exposed directories, the workdir bound at its own path, then the masks and
+    the root made read-only.
     """
     if not is_sandboxed(level):
         raise ValueError(f"sandbox level {level.value} does not use bubblewrap")
@@ -166,26 +261,44 @@ def bwrap_argv(
         argv.append("--unshare-net")
     if disable_userns:
         argv.append("--disable-userns")
-    argv += ["--die-with-parent", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+    argv.append("--die-with-parent")
+    for target, path in mounts.symlinks:
+        argv += ["--symlink", target, str(path)]
+    exposed = _outermost(mounts.exposed)
+    in_tmp = [p for p in exposed if _under(p, Path("/tmp"))]
+    for path in exposed:
+        if path not in in_tmp:
+            argv += ["--ro-bind", str(path), str(path)]
+    argv += ["--dev", "/dev", "--proc", "/proc"]
     if mounts.tmp_size is not None and not very_strict:
         argv += ["--size", str(mounts.tmp_size)]
     argv += ["--tmpfs", "/tmp"]
+    for path in in_tmp:  # (on the private /tmp, not under it)
+        argv += ["--ro-bind", str(path), str(path)]
     hidden = _outermost(d for d in mounts.hidden_dirs if not _under(d, Path("/tmp")))
+    argv += _masks(mounts, hidden, very_strict=very_strict)
+    argv += ["--bind", str(mounts.workdir), str(mounts.workdir)]
+    for path in hidden:
+        argv += ["--remount-ro", str(path)]
+    argv += ["--remount-ro", "/"]
+    if very_strict:
+        argv += ["--remount-ro", "/tmp", "--remount-ro", "/dev"]
+    argv += ["--chdir", str(mounts.workdir), "--", *command]
+    return argv
+
+
+def _masks(mounts: Mounts, hidden: Sequence[Path], *, very_strict: bool) -> list[str]:
+    """Cover what must not be seen inside what is exposed; make the empty ``HOME``."""
+    argv: list[str] = []
     for path in hidden:
         argv += ["--tmpfs", str(path)]
     for path in mounts.hidden_files:
         if not any(_under(path, d) for d in (Path("/tmp"), *hidden)):
             argv += ["--ro-bind", "/dev/null", str(path)]
     home = mounts.home
-    if home is not None and not very_strict and home not in hidden:
-        if any(_under(home, d) for d in hidden):
-            argv += ["--dir", str(home)]  # an empty directory in the (read-only) mask
-    argv += ["--bind", str(mounts.workdir), str(mounts.workdir)]
-    for path in hidden:
-        argv += ["--remount-ro", str(path)]
-    if very_strict:
-        argv += ["--remount-ro", "/tmp", "--remount-ro", "/dev"]
-    argv += ["--chdir", str(mounts.workdir), "--", *command]
+    if home is not None and not very_strict and not _under(home, Path("/tmp")):
+        if home not in hidden and not any(_under(home, e) for e in mounts.exposed):
+            argv += ["--dir", str(home)]  # empty, and read-only with the root
     return argv
 
 
@@ -194,10 +307,12 @@ def bwrap_argv(
 
 @dataclasses.dataclass(frozen=True)
 class Launch:
-    """How to start one run: its argv and environment, and the uid/gid to switch to first."""
+    """How to start one run: its argv and fixed environment, the uid/gid to switch to
+    first, and the task's own environment as the shell code its shell reads on stdin."""
 
     argv: list[str]
     env: dict[str, str]
+    stdin: bytes
     user: int | None = None
     group: int | None = None
 
@@ -213,16 +328,27 @@ def prepare(
     workdir: Path,
     workdir_root: Path,
     hidden: Sequence[Path] = (),
+    exposed: Sequence[Path] = (),
     tmp_size: int | None = None,
+    task_user: tuple[int, int] | None = None,
 ) -> Launch:
     """The launch of ``command`` (the rlimit wrapper and shell) at ``level`` in ``workdir``.
 
-    From ``strict`` on, a root worker hands the workdir to :data:`SANDBOX_UID`. Raises
-    :class:`Unavailable` when the machine cannot give the level.
+    ``exposed`` are more read-only paths a sandboxed task sees (``sandbox_read_only_paths``);
+    ``hidden`` paths inside what it sees are covered. ``task_user`` is who a root worker runs
+    ``none``/``basic`` tasks as (None: as itself; a worker gives :data:`SANDBOX_UID` unless
+    its ``task_user`` says otherwise). A root worker hands the workdir to the user the task
+    runs as. Raises :class:`Unavailable` when the machine cannot give
+    the level.
     """
+    stdin = env_script(env)
     if not is_sandboxed(level):
-        run_env = task_env(level, base_env, env, task_id=task_id, attempt=attempt, workdir=workdir)
-        return Launch(argv=list(command), env=run_env)
+        run_env = launcher_env(level, base_env, task_id=task_id, attempt=attempt, workdir=workdir)
+        if task_user is None or os.geteuid() != 0 or task_user[0] == 0:
+            return Launch(argv=list(command), env=run_env, stdin=stdin)
+        uid, gid = task_user
+        os.chown(workdir, uid, gid)
+        return Launch(argv=list(command), env=run_env, stdin=stdin, user=uid, group=gid)
     problem = _missing_tool()
     if problem is not None:
         raise Unavailable(problem)
@@ -233,25 +359,73 @@ def prepare(
     if problem is not None:
         raise Unavailable(problem)
     home = _home(base_env)
-    mounts = Mounts(
-        workdir=workdir,
-        hidden_dirs=tuple(_hideable_dirs(workdir_root, home, hidden, uid, gid)),
-        hidden_files=tuple(
-            p for p in map(_absolute, hidden) if p.is_file() and _reachable(p.parent, uid, gid)
-        ),
-        home=home,
-        tmp_size=tmp_size,
-    )
+    mounts = _mounts(level, workdir, workdir_root, home, hidden, exposed, uid, gid, tmp_size)
     argv = bwrap_argv(
         level, bwrap=bwrap, mounts=mounts, command=command, disable_userns=_has_disable_userns()
     )
-    run_env = task_env(
-        level, base_env, env, task_id=task_id, attempt=attempt, workdir=workdir, home=home
+    run_env = launcher_env(
+        level, base_env, task_id=task_id, attempt=attempt, workdir=workdir, home=home
     )
     if os.geteuid() != 0:
-        return Launch(argv=argv, env=run_env)
+        return Launch(argv=argv, env=run_env, stdin=stdin)
     os.chown(workdir, uid, gid)
-    return Launch(argv=argv, env=run_env, user=uid, group=gid)
+    return Launch(argv=argv, env=run_env, stdin=stdin, user=uid, group=gid)
+
+
+def _mounts(
+    level: Level,
+    workdir: Path,
+    workdir_root: Path,
+    home: Path | None,
+    hidden: Sequence[Path],
+    exposed: Sequence[Path],
+    uid: int,
+    gid: int,
+    tmp_size: int | None,
+) -> Mounts:
+    system, symlinks = system_mounts()
+    seen = (*system, *(_absolute(p) for p in exposed if os.path.lexists(p)))
+    if level is not Level.VERY_STRICT:
+        seen += _resolver(seen)
+    extra_hidden = [_absolute(workdir_root), *map(_absolute, hidden)]
+    if home is not None:
+        extra_hidden.append(home)
+    candidates = [*ALWAYS_HIDDEN, *extra_hidden]
+    inside = [p for p in candidates if any(_under(p, e) for e in seen)]
+    return Mounts(
+        workdir=workdir,
+        exposed=seen,
+        symlinks=symlinks,
+        hidden_dirs=tuple(_hideable_dirs(inside, uid, gid)),
+        hidden_files=tuple(p for p in inside if p.is_file() and _reachable(p.parent, uid, gid)),
+        home=home,
+        tmp_size=tmp_size,
+    )
+
+
+@functools.cache
+def system_mounts() -> tuple[tuple[Path, ...], tuple[tuple[str, Path], ...]]:
+    """The :data:`SYSTEM_PATHS` of this machine: directories to bind, symlinks to recreate."""
+    dirs: list[Path] = []
+    links: list[tuple[str, Path]] = []
+    for path in SYSTEM_PATHS:
+        if path.is_symlink():
+            links.append((os.readlink(path), path))
+        elif path.is_dir():
+            dirs.append(path)
+    return tuple(dirs), tuple(links)
+
+
+def _resolver(seen: Sequence[Path]) -> tuple[Path, ...]:
+    """/etc/resolv.conf's target where it lies outside what the sandbox sees
+    (systemd-resolved's /run/systemd/resolve/stub-resolv.conf), so names still resolve."""
+    link = Path("/etc/resolv.conf")
+    if not link.is_symlink():
+        return ()
+    target = Path(os.path.realpath(link))
+    if not target.is_file() or any(_under(target, e) for e in seen):
+        return ()
+    return (target,)
 
 
 def sandbox_ids() -> tuple[int, int]:
@@ -302,7 +476,7 @@ def unavailable(level: Level, workdir_root: Path) -> str | None:
             launch.argv,
             env=launch.env,
             cwd=probe_dir,
-            stdin=subprocess.DEVNULL,
+            input=b"",
             capture_output=True,
             timeout=_PROBE_SECONDS,
             check=False,
@@ -370,12 +544,7 @@ def _home(base_env: Mapping[str, str]) -> Path | None:
     return None if home in _SYSTEM_DIRS else home
 
 
-def _hideable_dirs(
-    workdir_root: Path, home: Path | None, extra: Iterable[Path], uid: int, gid: int
-) -> list[Path]:
-    candidates = [*ALWAYS_HIDDEN, _absolute(workdir_root), *map(_absolute, extra)]
-    if home is not None:
-        candidates.append(home)
+def _hideable_dirs(candidates: Iterable[Path], uid: int, gid: int) -> list[Path]:
     found: list[Path] = []
     for path in candidates:
         if path in _SYSTEM_DIRS or path in found or _under(path, Path("/tmp")):

@@ -23,19 +23,24 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 PREFIX = "octaskly-run-"
+_SANDBOX_UID = 65534  # (sandboxing.SANDBOX_UID: the user sandboxed tasks of a root worker run as)
 
 
 class Workdirs:
-    """A pool of working directories under `root`, holding at most `keep` free ones.
+    """A pool of working directories under `root`, holding at most `keep` free ones;
+    `owners` are more uids a clean directory may belong to (the users tasks run as).
 
     Use it from one event loop thread.
     """
 
-    def __init__(self, root: Path, *, keep: int) -> None:
+    def __init__(self, root: Path, *, keep: int, owners: tuple[int, ...] = ()) -> None:
         self.root = Path(os.path.abspath(root))
         self.keep = keep
         self._free: list[Path] = []
-        self._uid = os.geteuid()
+        # A root worker hands workdirs to the user its tasks run as (nobody by default).
+        self._owners = {os.geteuid(), *owners}
+        if os.geteuid() == 0:
+            self._owners.add(_SANDBOX_UID)
 
     def acquire(self) -> Path:
         """An empty private directory for one run; OSError if none can be made."""
@@ -66,7 +71,7 @@ class Workdirs:
             st = os.lstat(path)
             if not (
                 stat.S_ISDIR(st.st_mode)
-                and st.st_uid == self._uid
+                and st.st_uid in self._owners
                 and stat.S_IMODE(st.st_mode) == 0o700
             ):
                 return False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import resource
 from pathlib import Path
 from typing import Any
@@ -132,8 +133,12 @@ def pairs(args: list[str], option: str) -> list[str]:
     return [args[i + 1] for i, arg in enumerate(args) if arg == option]
 
 
-def test_strict_argv() -> None:
-    args = argv(Level.STRICT, tmp_size=100 * 1024 * 1024)
+SYSTEM = (Path("/usr"), Path("/etc"))
+LINKS = (("usr/bin", Path("/bin")), ("usr/lib", Path("/lib")))
+
+
+def test_strict_argv_is_an_allow_list_on_an_empty_read_only_root() -> None:
+    args = argv(Level.STRICT, tmp_size=100 * 1024 * 1024, exposed=SYSTEM, symlinks=LINKS)
     assert args == [
         "/usr/bin/bwrap",
         "--unshare-user",
@@ -143,9 +148,18 @@ def test_strict_argv() -> None:
         "--unshare-cgroup-try",
         "--disable-userns",
         "--die-with-parent",
+        "--symlink",
+        "usr/bin",
+        "/bin",
+        "--symlink",
+        "usr/lib",
+        "/lib",
         "--ro-bind",
-        "/",
-        "/",
+        "/usr",
+        "/usr",
+        "--ro-bind",
+        "/etc",
+        "/etc",
         "--dev",
         "/dev",
         "--proc",
@@ -157,6 +171,8 @@ def test_strict_argv() -> None:
         "--bind",
         str(WORKDIR),
         str(WORKDIR),
+        "--remount-ro",
+        "/",
         "--chdir",
         str(WORKDIR),
         "--",
@@ -167,45 +183,94 @@ def test_strict_argv() -> None:
         "-c",
         "echo hi",
     ]
+    # never the whole host file system
+    assert "/" not in pairs(args, "--ro-bind") and "/" not in pairs(args, "--bind")
+
+
+def test_exposed_paths_inside_others_are_bound_once() -> None:
+    args = argv(Level.STRICT, exposed=(Path("/usr"), Path("/usr/share"), Path("/opt/tools")))
+    assert pairs(args, "--ro-bind") == ["/usr", "/opt/tools"]
 
 
 def test_very_strict_adds_no_network_and_read_only_tmp_and_dev() -> None:
     strict, very = argv(Level.STRICT), argv(Level.VERY_STRICT, tmp_size=1 << 20)
     assert "--unshare-net" not in strict and "--unshare-net" in very
     assert "--size" not in very  # its /tmp takes nothing
-    assert pairs(very, "--remount-ro") == ["/tmp", "/dev"]
-    assert pairs(strict, "--remount-ro") == []
+    assert pairs(very, "--remount-ro") == ["/", "/tmp", "/dev"]
+    assert pairs(strict, "--remount-ro") == ["/"]
     # the command comes last, after the one "--" that ends bwrap's options
     assert very[very.index("--") + 1 :] == strict[strict.index("--") + 1 :]
 
 
 def test_hidden_directories_are_masked_then_made_read_only_around_the_workdir() -> None:
     hidden = (
-        Path("/home"),
-        Path("/home/me/.octaskly"),  # inside /home: already hidden
-        Path("/root"),
-        Path("/srv/work"),  # the workdir root: the other runs' workdirs
+        Path("/etc/octaskly"),
+        Path("/etc/octaskly/tls"),  # inside /etc/octaskly: already hidden
+        Path("/srv/work"),  # the workdir root, where the operator exposed /srv
         Path("/tmp/x"),  # under the private /tmp anyway
     )
-    args = argv(Level.STRICT, hidden_dirs=hidden, hidden_files=(Path("/etc/key"),))
-    assert pairs(args, "--tmpfs") == ["/tmp", "/home", "/root", "/srv/work"]
-    assert pairs(args, "--remount-ro") == ["/home", "/root", "/srv/work"]
+    args = argv(
+        Level.STRICT,
+        exposed=(Path("/etc"), Path("/srv")),
+        hidden_dirs=hidden,
+        hidden_files=(Path("/etc/key"),),
+    )
+    assert pairs(args, "--tmpfs") == ["/tmp", "/etc/octaskly", "/srv/work"]
+    assert pairs(args, "--remount-ro") == ["/etc/octaskly", "/srv/work", "/"]
     assert args[args.index("/etc/key") - 2 : args.index("/etc/key")] == ["--ro-bind", "/dev/null"]
     # the workdir is bound after the masks (on top of /srv/work) and before they turn read-only
     bind = args.index("--bind")
     assert args.index("/srv/work") < bind < args.index("--remount-ro")
 
 
-def test_the_home_is_an_empty_directory_inside_a_masked_parent() -> None:
-    args = argv(Level.STRICT, hidden_dirs=(Path("/home"),), home=Path("/home/me"))
+def test_the_home_is_an_empty_directory_unless_it_is_hidden_or_exposed() -> None:
+    args = argv(Level.STRICT, home=Path("/home/me"))
     assert pairs(args, "--dir") == ["/home/me"]
     assert args.index("--dir") < args.index("--remount-ro")
     hidden_home = argv(Level.STRICT, hidden_dirs=(Path("/root"),), home=Path("/root"))
     assert pairs(hidden_home, "--dir") == []
-    assert (
-        pairs(argv(Level.VERY_STRICT, hidden_dirs=(Path("/home"),), home=Path("/home/me")), "--dir")
-        == []
+    assert pairs(argv(Level.VERY_STRICT, home=Path("/home/me")), "--dir") == []
+
+
+def test_the_system_mounts_of_this_machine_exist_and_keep_its_symlinks() -> None:
+    dirs, links = sandboxing.system_mounts()
+    assert Path("/usr") in dirs and Path("/etc") in dirs
+    for target, path in links:
+        assert path.is_symlink() and str(path) and target == os.readlink(path)
+    assert not any(p in dirs for _, p in links)
+
+
+# -- the task's environment goes through the task's shell ----------------------------------
+
+
+def test_env_script_exports_each_variable_quoted_then_says_ready() -> None:
+    script = sandboxing.env_script({"A": "it's $HOME `x` \\", "B": "two\nlines"})
+    assert script == (
+        b"export A='it'\\''s $HOME `x` \\'\n"
+        b"export B='two\nlines'\n"
+        b"OCTASKLY_READY=1\n"
     )
+
+
+def test_env_script_keeps_the_run_ids() -> None:
+    assert sandboxing.env_script({"OCTASKLY_TASK_ID": "forged"}) == b"OCTASKLY_READY=1\n"
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{"X;rm -rf /": "1"}, {"1X": "1"}, {"": "1"}, {"X": "nul\0byte"}, {"X Y": "1"}, {"A-B": "1"}],
+)
+def test_env_script_refuses_what_is_not_a_variable(env: dict[str, str]) -> None:
+    with pytest.raises(ValueError, match="environment variable"):
+        sandboxing.env_script(env)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_the_launchers_get_nothing_of_the_tasks_env(level: Level) -> None:
+    launcher = sandboxing.launcher_env(level, WORKER_ENV, **IDS)
+    full = sandboxing.task_env(level, WORKER_ENV, {"LD_PRELOAD": "/x.so", "BASH_ENV": "/y"}, **IDS)
+    assert "LD_PRELOAD" not in launcher and "BASH_ENV" not in launcher
+    assert full == {**launcher, "LD_PRELOAD": "/x.so", "BASH_ENV": "/y"}
 
 
 def test_older_bwrap_without_disable_userns() -> None:
