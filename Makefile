@@ -50,6 +50,7 @@ lint: $(STAMP)
 ## test: lint, then the whole test suite in parallel (SQLite, the default store), then
 ## the core, reliability and security suites again with every dispatcher on PostgreSQL
 PG_SUITES = tests/integration/test_api.py tests/integration/test_api_auth.py \
+	tests/integration/test_task_output.py \
 	tests/integration/test_cluster.py tests/integration/test_peering.py \
 	tests/integration/test_events.py tests/integration/test_key_rotation.py \
 	tests/e2e/test_secure_transport.py tests/reliability/test_crash.py \

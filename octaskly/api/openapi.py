@@ -152,6 +152,47 @@ _STATS = _object(
 )
 
 
+def _stream_props(name: str) -> dict[str, Any]:
+    return {
+        name: {
+            "type": "string",
+            "description": f"{name} as text: UTF-8, U+FFFD where the bytes are not "
+            f"(exact when {name}_encoding is utf-8)",
+        },
+        f"{name}_base64": {
+            "type": "string",
+            "contentEncoding": "base64",
+            "description": f"the exact bytes of {name} (its kept tail)",
+        },
+        f"{name}_encoding": {
+            "type": "string",
+            "enum": ["utf-8", "binary"],
+            "description": f"utf-8: {name} is exactly the bytes; binary: they are not UTF-8 "
+            f"(read {name}_base64)",
+        },
+        f"{name}_dropped_bytes": {
+            "type": "integer",
+            "minimum": 0,
+            "description": f"bytes cut from the head of {name} before the kept tail (the text "
+            "also leaves out the rest of a character torn by the cut)",
+        },
+    }
+
+
+_OUTPUT_PROPS = {
+    **_stream_props("stdout"),
+    **_stream_props("stderr"),
+    "output_source": {
+        "type": "string",
+        "enum": ["live", "store", "unavailable"],
+        "description": "live: a running task's output so far, as this dispatcher receives "
+        "it; store: as stored (a finished task's tail, or a queued one's from its previous "
+        "attempt); unavailable: the task runs but its output goes to another dispatcher "
+        "(or its worker has not reconnected yet), so only what the store has is shown",
+    },
+}
+
+
 def _task_links(task_id: str) -> dict[str, Any]:
     """OpenAPI links from a response naming a task to what can be done with it."""
     task = "#/paths/~1api~1v1~1tasks~1{task_id}"
@@ -191,12 +232,9 @@ def _schemas() -> dict[str, Any]:
         "completed_at": _TS,
     }
     record_props = dict(summary_props)
+    record_props.update(_OUTPUT_PROPS)
     record_props.update(
         {
-            "stdout": {"type": "string"},
-            "stderr": {"type": "string"},
-            "stdout_dropped_bytes": {"type": "integer"},
-            "stderr_dropped_bytes": {"type": "integer"},
             "error": {"type": ["string", "null"]},
             "timeout": {"type": "integer"},
             "waiting_reason": {"type": ["string", "null"]},
@@ -389,28 +427,68 @@ def _task_paths() -> dict[str, Any]:
         },
         "/api/v1/tasks/{task_id}/logs": {
             "get": {
-                "summary": "stdout and stderr; follow=true streams NDJSON until the task ends",
+                "summary": "stdout and stderr (of a running task: so far); follow=true streams "
+                "NDJSON until the task ends; format=raw&stream=stdout|stderr answers one "
+                "stream's exact bytes",
+                "description": "NDJSON events: {stream, data (text), data_base64 (the exact "
+                "bytes)}, {event: attempt, attempt}, {event: dropped}, and last {event: end, "
+                "status, exit_code, error}. A data event with an empty data_base64 carries "
+                "only the U+FFFD of bytes a stream left undecoded.",
                 "parameters": [
                     _task_id_param(),
                     {"name": "follow", "in": "query", "schema": {"type": "boolean"}},
+                    {
+                        "name": "format",
+                        "in": "query",
+                        "description": "json (the default) or raw: the bytes of `stream`, "
+                        "application/octet-stream (not with follow)",
+                        "schema": {"type": "string", "enum": ["json", "raw"]},
+                    },
+                    {
+                        "name": "stream",
+                        "in": "query",
+                        "description": "the stream format=raw answers (required with it, "
+                        "refused without it)",
+                        "schema": {"type": "string", "enum": ["stdout", "stderr"]},
+                    },
                 ],
                 "responses": {
                     "200": {
                         "description": "the output",
+                        "headers": {
+                            name: {"description": text, "schema": schema}
+                            for name, text, schema in (
+                                (
+                                    "X-Octaskly-Dropped-Bytes",
+                                    "format=raw: bytes cut from the head of the stream",
+                                    _INT,
+                                ),
+                                (
+                                    "X-Octaskly-Task-Status",
+                                    "format=raw: the task's status",
+                                    {"type": "string", "enum": _STATUSES},
+                                ),
+                                (
+                                    "X-Octaskly-Output-Source",
+                                    "format=raw: as output_source in JSON",
+                                    _OUTPUT_PROPS["output_source"],
+                                ),
+                            )
+                        },
                         "content": {
                             "application/json": {
                                 "schema": _object(
                                     {
                                         "id": _STR,
                                         "status": {"type": "string", "enum": _STATUSES},
-                                        "stdout": _STR,
-                                        "stderr": _STR,
-                                        "stdout_dropped_bytes": _INT,
-                                        "stderr_dropped_bytes": _INT,
+                                        **_OUTPUT_PROPS,
                                     }
                                 )
                             },
                             "application/x-ndjson": {"schema": {"type": "string"}},
+                            "application/octet-stream": {
+                                "schema": {"type": "string", "format": "binary"}
+                            },
                         },
                     },
                     "404": _resp("no such task", _ref("Error")),

@@ -16,7 +16,7 @@ from typing import Any
 import pydantic
 from aiohttp import web
 
-from octaskly.api import middleware
+from octaskly.api import logs, middleware
 from octaskly.api.middleware import HTTPProblem, rfc3339
 from octaskly.domain import models
 from octaskly.protocol import framing
@@ -236,14 +236,13 @@ def task_summary(task: models.Task) -> dict[str, Any]:
     }
 
 
-def task_record(task: models.Task, waiting_reason: str | None = None) -> dict[str, Any]:
+def task_record(
+    task: models.Task, waiting_reason: str | None = None, source: live.OutputSource = "store"
+) -> dict[str, Any]:
     spec = task.spec
     record = task_summary(task)
+    record.update(logs.output_fields(task, source))
     record.update(
-        stdout=task.stdout,
-        stderr=task.stderr,
-        stdout_dropped_bytes=task.stdout_dropped,
-        stderr_dropped_bytes=task.stderr_dropped,
         error=task.error,
         timeout=task.timeout,
         retry_count=spec.retry_count,
@@ -360,7 +359,8 @@ async def get_task(request: web.Request) -> web.Response:
     _check_query(request, set())
     dispatcher = _dispatcher(request)
     task = await dispatcher.get(_task_id(request), owner=_owner(request))
-    return _json(task_record(task, dispatcher.waiting_reason(task)))
+    task, source = await dispatcher.with_output_so_far(task)
+    return _json(task_record(task, dispatcher.waiting_reason(task), source))
 
 
 async def cancel_task(request: web.Request) -> web.Response:
@@ -383,31 +383,63 @@ async def cancel_task(request: web.Request) -> web.Response:
     )
 
 
+def _logs_query(request: web.Request) -> tuple[str | None, bool]:
+    """The stream `format=raw` answers (None: JSON of both) and `follow`, checked together."""
+    fmt = request.query.get("format", "json")
+    if fmt not in logs.FORMATS:
+        raise HTTPProblem(400, f"format: must be one of {', '.join(logs.FORMATS)}", field="format")
+    stream = request.query.get("stream")
+    if stream is not None and stream not in logs.STREAMS:
+        raise HTTPProblem(400, f"stream: must be one of {', '.join(logs.STREAMS)}", field="stream")
+    follow = _bool_param(request, "follow")
+    if fmt == "raw" and stream is None:
+        raise HTTPProblem(
+            400, "stream: format=raw answers one stream: stdout or stderr", field="stream"
+        )
+    if fmt == "raw" and follow:
+        raise HTTPProblem(
+            400, "format: format=raw cannot be followed (follow streams NDJSON)", field="format"
+        )
+    if fmt == "json" and stream is not None:
+        raise HTTPProblem(
+            400, "stream: only with format=raw (the JSON has both streams)", field="stream"
+        )
+    return stream, follow
+
+
 async def task_logs(request: web.Request) -> web.StreamResponse:
     middleware.require(request, TASKS, "read task output")
-    _check_query(request, {"follow"})
+    _check_query(request, {"follow", "format", "stream"})
+    stream, follow = _logs_query(request)
     dispatcher = _dispatcher(request)
     task_id, owner = _task_id(request), _owner(request)
-    if not _bool_param(request, "follow"):
-        task = await dispatcher.get(task_id, owner=owner)
-        return _json(
-            {
-                "id": task.id,
-                "status": task.status.value,
-                "stdout": task.stdout,
-                "stderr": task.stderr,
-                "stdout_dropped_bytes": task.stdout_dropped,
-                "stderr_dropped_bytes": task.stderr_dropped,
+    if not follow:
+        task, source = await dispatcher.with_output_so_far(
+            await dispatcher.get(task_id, owner=owner)
+        )
+        if stream is not None:
+            data, dropped = logs.raw(task, stream)
+            headers = {
+                "Cache-Control": "no-store",
+                "X-Content-Type-Options": "nosniff",
+                "X-Octaskly-Dropped-Bytes": str(dropped),
+                "X-Octaskly-Task-Status": task.status.value,
+                "X-Octaskly-Output-Source": source,
             }
+            return web.Response(body=data, content_type="application/octet-stream", headers=headers)
+        return _json(
+            {"id": task.id, "status": task.status.value, **logs.output_fields(task, source)}
         )
     await dispatcher.get(task_id, owner=owner)  # 404 before the stream starts
     response = web.StreamResponse(headers=middleware.stream_headers(request))
     response.content_type = "application/x-ndjson"
     await response.prepare(request)
+    text = logs.EventText()
     try:
         async with request.app[STREAMS_KEY].open():
             async for event in dispatcher.follow(task_id, owner=owner):
-                await response.write(json.dumps(event).encode() + b"\n")
+                for line in text.events(event):
+                    await response.write(json.dumps(line).encode() + b"\n")
         await response.write_eof()
     except ConnectionError:
         pass  # the reader went away (not an internal error with a traceback in the log)

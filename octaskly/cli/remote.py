@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import http.client
 import json
 import shlex
@@ -14,6 +15,23 @@ from typing import Any, TextIO
 from octaskly import errors
 from octaskly.cli import progress
 from octaskly.cli.client import APIError, Client
+
+
+def _write_bytes(stream: str, data: bytes) -> None:
+    """Write task output to our stdout or stderr exactly as the task wrote it."""
+    out = sys.stdout if stream == "stdout" else sys.stderr
+    out.flush()  # what was printed as text before goes first
+    out.buffer.write(data)
+    out.buffer.flush()
+
+
+def _output(body: dict[str, Any], field: str) -> bytes:
+    """The exact bytes of an output field (`stdout`, `stderr`, `data`) of an API answer:
+    its `*_base64` twin; the text, from a dispatcher that predates it."""
+    encoded = body.get(f"{field}_base64")
+    if isinstance(encoded, str):
+        return base64.b64decode(encoded)
+    return str(body.get(field, "")).encode()
 
 
 def _print_json(data: Any, out: TextIO = sys.stdout) -> None:
@@ -163,9 +181,7 @@ def _await_task(client: Client, task_id: str, *, live: bool) -> int:
         try:
             for event in client.stream(f"/api/v1/tasks/{task_id}/logs?follow=true"):
                 if "stream" in event and live:
-                    out = sys.stdout if event["stream"] == "stdout" else sys.stderr
-                    out.write(event["data"])
-                    out.flush()
+                    _write_bytes(event["stream"], _output(event, "data"))
                 elif event.get("event") == "end":
                     end = event
         except (OSError, http.client.HTTPException, ValueError) as exc:
@@ -181,8 +197,8 @@ def _finish(client: Client, task_id: str, end: dict[str, Any], *, live: bool) ->
     """Print the output (unless it was streamed) and say how the task ended."""
     if not live:
         task = client.call("GET", f"/api/v1/tasks/{task_id}")
-        sys.stdout.write(task["stdout"])
-        sys.stderr.write(task["stderr"])
+        _write_bytes("stdout", _output(task, "stdout"))
+        _write_bytes("stderr", _output(task, "stderr"))
     status = end.get("status", "unknown")
     if status == "completed":
         return 0
@@ -249,22 +265,27 @@ def cancel(client: Client, args: argparse.Namespace) -> int:
 
 
 def logs(client: Client, args: argparse.Namespace) -> int:
+    """A task's output as it wrote it: so far while it runs, all of it with --follow."""
     if args.follow:
         for event in client.stream(f"/api/v1/tasks/{args.task_id}/logs?follow=true"):
             if "stream" in event:
-                out = sys.stdout if event["stream"] == "stdout" else sys.stderr
-                out.write(event["data"])
-                out.flush()
+                _write_bytes(event["stream"], _output(event, "data"))
         return 0
     data = client.call("GET", f"/api/v1/tasks/{args.task_id}/logs")
-    sys.stdout.write(data["stdout"])
-    sys.stderr.write(data["stderr"])
+    _write_bytes("stdout", _output(data, "stdout"))
+    _write_bytes("stderr", _output(data, "stderr"))
     for stream in ("stdout", "stderr"):
         if data[f"{stream}_dropped_bytes"]:
             print(
                 f"[{data[f'{stream}_dropped_bytes']} earlier bytes of {stream} were dropped]",
                 file=sys.stderr,
             )
+    if data.get("output_source") == "unavailable":
+        print(
+            f"[task {args.task_id} is running, but this dispatcher does not receive its "
+            "output (another one does, or its worker has not reconnected yet): not shown]",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -310,9 +310,11 @@ class Task(pydantic.BaseModel):
     attempts: int = 0
     worker_id: str | None = None
     exit_code: int | None = None
-    stdout: str = ""
-    stderr: str = ""
+    stdout: bytes = b""
+    """The kept tail of the last attempt's stdout, exactly as written (see `output`)."""
+    stderr: bytes = b""
     stdout_dropped: int = 0
+    """Bytes cut from the head of `stdout` (the task wrote more than the output limit)."""
     stderr_dropped: int = 0
     duration_ms: int | None = None
     error: str | None = None

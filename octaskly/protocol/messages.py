@@ -17,10 +17,16 @@ cannot continue from its position), `changes` and `replica_state`; the standby a
 
 Every run of a task carries its attempt number, a lease: a message about an attempt the
 dispatcher already gave up on is answered with `cancel` and otherwise ignored.
+
+Task output travels as the bytes the task wrote, base64 in the JSON frame (`output.data`,
+`result.stdout`, `result.stderr`; protocol 5): never decoded, so nothing is lost on the way.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 import pydantic
@@ -29,13 +35,51 @@ from octaskly import errors
 from octaskly.domain import models
 
 # 2: proofs bound to the TLS certificate; 3: assignments carry all limits; 4: HA (terms,
-# redirects, witnesses, replication)
-PROTOCOL_VERSION = 4
+# redirects, witnesses, replication); 5: task output as bytes (base64), not text. Peers of
+# another version are refused at the handshake ("unsupported protocol version N").
+PROTOCOL_VERSION = 5
 _ID = pydantic.Field(min_length=1, max_length=200)
 _HEX = pydantic.Field(min_length=32, max_length=128, pattern=r"^[0-9a-f]+$")
 # Integers a peer sends end up in SQLite, whose INTEGER is 64-bit: a bigger one would fail
 # there (after the frame was taken), so it is refused as a protocol error on receipt.
 _INT64 = 2**63 - 1
+MAX_OUTPUT_CHUNK = 4 * 1024 * 1024
+"""The most bytes one `output` message carries."""
+
+
+def _from_base64(limit: int | None) -> Callable[[Any], bytes]:
+    """A validator: base64 text from a frame (standard alphabet, padded, no newlines) to
+    bytes, of at most `limit` bytes."""
+
+    def decode(value: Any) -> bytes:
+        if isinstance(value, bytes):  # built here, not received
+            return value
+        if not isinstance(value, str):
+            raise ValueError("expected base64 text")
+        if limit is not None and len(value) > (limit + 2) // 3 * 4:
+            raise ValueError(f"more than {limit} bytes")
+        try:
+            return base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("not valid base64") from None
+
+    return decode
+
+
+def _to_base64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+_AS_BASE64 = pydantic.PlainSerializer(_to_base64, return_type=str, when_used="json")
+OutputChunk = Annotated[
+    bytes,
+    pydantic.PlainValidator(_from_base64(MAX_OUTPUT_CHUNK), json_schema_input_type=str),
+    _AS_BASE64,
+]
+"""Bytes in Python, base64 text in a frame."""
+OutputTail = Annotated[
+    bytes, pydantic.PlainValidator(_from_base64(None), json_schema_input_type=str), _AS_BASE64
+]
 
 
 class _Message(pydantic.BaseModel):
@@ -159,7 +203,7 @@ class Output(_Message):
     task_id: Annotated[str, _ID]
     attempt: int = pydantic.Field(ge=1, le=_INT64)
     stream: Literal["stdout", "stderr"]
-    data: str = pydantic.Field(max_length=4 * 1024 * 1024)
+    data: OutputChunk
 
 
 class Result(_Message):
@@ -169,8 +213,8 @@ class Result(_Message):
     status: Literal["completed", "failed", "timed_out", "cancelled"]
     exit_code: int | None = pydantic.Field(default=None, ge=-_INT64 - 1, le=_INT64)
     duration_ms: int = pydantic.Field(ge=0, le=_INT64)
-    stdout: str = ""
-    stderr: str = ""
+    stdout: OutputTail = b""
+    stderr: OutputTail = b""
     stdout_dropped: int = pydantic.Field(default=0, ge=0, le=_INT64)
     stderr_dropped: int = pydantic.Field(default=0, ge=0, le=_INT64)
     error: str | None = pydantic.Field(default=None, max_length=4000)

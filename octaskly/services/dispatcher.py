@@ -397,6 +397,36 @@ class Dispatcher:
             raise errors.NotFoundError(f"task {task_id} not found")
         return task
 
+    async def with_output_so_far(self, task: models.Task) -> tuple[models.Task, live.OutputSource]:
+        """The task with the output its running attempt has written so far, when this
+        dispatcher receives it ("live"); as stored otherwise ("store": a finished task's
+        tail, or a queued one's from its previous attempt). "unavailable": the task runs
+        but its output does not come here — another dispatcher of a federation receives
+        it, or its worker has not reconnected since this dispatcher started — so only what
+        the store has is shown. After a failover or a re-attach, the output so far begins
+        where this dispatcher started to receive it."""
+        if task.status != RUNNING:
+            return task, "store"
+        out = self.outputs.get(task.id)
+        if out is None or out.attempt != task.attempts:
+            # The run may have just ended here, its result being written: wait for that.
+            await self.store.barrier()
+            task = await self.get(task.id)
+            out = self.outputs.get(task.id)
+            if task.status != RUNNING:
+                return task, "store"
+            if out is None or out.attempt != task.attempts:
+                return task, "unavailable"
+        stdout, stdout_dropped = out.so_far("stdout")
+        stderr, stderr_dropped = out.so_far("stderr")
+        changes = {
+            "stdout": stdout,
+            "stderr": stderr,
+            "stdout_dropped": stdout_dropped,
+            "stderr_dropped": stderr_dropped,
+        }
+        return task.model_copy(update=changes), "live"
+
     def waiting_reason(self, task: models.Task) -> str | None:
         """Why a queued task is not running yet, if the dispatcher can tell."""
         if task.status != QUEUED:
@@ -467,7 +497,11 @@ class Dispatcher:
     async def follow(
         self, task_id: str, *, owner: str | None = None
     ) -> AsyncIterator[dict[str, Any]]:
-        """Yield output chunks of a task as they come, across attempts, then an end event."""
+        """Yield output chunks of a task as they come, across attempts, then an end event.
+
+        A chunk is ``{"stream": "stdout" | "stderr", "data": bytes}``; the other events are
+        ``attempt``, ``dropped`` (chunks were dropped before the follower read them) and
+        ``end`` (status, exit code, error)."""
         await self.get(task_id, owner=owner)
         held: live.LiveOutput | None = None
         seq, streamed_attempt = 0, 0
@@ -481,9 +515,9 @@ class Dispatcher:
                 held = None
             if task.status.is_terminal:
                 if streamed_attempt != task.attempts:
-                    for stream in ("stdout", "stderr"):
-                        if getattr(task, stream):
-                            yield {"stream": stream, "data": getattr(task, stream)}
+                    for stream, data in (("stdout", task.stdout), ("stderr", task.stderr)):
+                        if data:
+                            yield {"stream": stream, "data": data}
                 yield {
                     "event": "end",
                     "status": task.status.value,
@@ -699,7 +733,9 @@ class Dispatcher:
             out.close()
         self.wake()
 
-    def on_output(self, worker_id: str, task_id: str, attempt: int, stream: str, data: str) -> bool:
+    def on_output(
+        self, worker_id: str, task_id: str, attempt: int, stream: str, data: bytes
+    ) -> bool:
         run = self.runs.get(task_id)
         if run is None or run.worker_id != worker_id or run.attempt != attempt:
             return False

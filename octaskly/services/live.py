@@ -1,8 +1,8 @@
 """Live task output and state-change notifications for followers (logs --follow, --wait).
 
-Output of running tasks is held in memory only, bounded per task; the final tail is
-stored with the result. Followers never poll: they await an event that is replaced on
-every change.
+Output of running tasks is held in memory only, as the bytes the task wrote, bounded per
+task; the final tail is stored with the result. Followers never poll: they await an event
+that is replaced on every change.
 """
 
 from __future__ import annotations
@@ -10,17 +10,26 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+from typing import Literal
+
+OutputSource = Literal["live", "store", "unavailable"]
+"""Where the output shown of a task comes from: the running attempt's output so far as this
+dispatcher receives it, the store, or the store because another dispatcher receives it."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Chunk:
     seq: int
     stream: str
-    data: str
+    data: bytes
 
 
 class LiveOutput:
-    """The recent output of one running attempt, with change notification."""
+    """The recent output of one running attempt, with change notification.
+
+    At most `limit` bytes of both streams together are held (always the newest chunk):
+    older chunks are dropped whole, and counted per stream.
+    """
 
     def __init__(self, attempt: int, *, limit: int) -> None:
         self.attempt = attempt
@@ -28,18 +37,27 @@ class LiveOutput:
         self._chunks: collections.deque[Chunk] = collections.deque()
         self._bytes = 0
         self._next = 0
+        self._dropped = {"stdout": 0, "stderr": 0}
         self._changed = asyncio.Event()
         self.closed = False
 
-    def append(self, stream: str, data: str) -> None:
+    def append(self, stream: str, data: bytes) -> None:
         if self.closed or not data:
             return
         self._chunks.append(Chunk(self._next, stream, data))
         self._next += 1
         self._bytes += len(data)
         while self._bytes > self._limit and len(self._chunks) > 1:
-            self._bytes -= len(self._chunks.popleft().data)
+            old = self._chunks.popleft()
+            self._bytes -= len(old.data)
+            self._dropped[old.stream] = self._dropped.get(old.stream, 0) + len(old.data)
         self._signal()
+
+    def so_far(self, stream: str) -> tuple[bytes, int]:
+        """The output of one stream held now, and how many of its bytes came before it
+        (received, then dropped to keep within the limit)."""
+        data = b"".join(c.data for c in self._chunks if c.stream == stream)
+        return data, self._dropped.get(stream, 0)
 
     def close(self) -> None:
         self.closed = True

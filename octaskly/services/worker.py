@@ -17,7 +17,6 @@ witnesses at once, and they move their work to it.
 from __future__ import annotations
 
 import asyncio
-import codecs
 import contextlib
 import dataclasses
 import logging
@@ -145,9 +144,8 @@ def _split(addr: str) -> tuple[str, int]:
 class _Running:
     assignment: messages.TaskAssignment
     execution: executing.Execution
-    pending: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    pending: dict[str, list[bytes]] = dataclasses.field(default_factory=dict)
     pending_bytes: int = 0
-    decoders: dict[str, codecs.IncrementalDecoder] = dataclasses.field(default_factory=dict)
     flush_handle: asyncio.TimerHandle | None = None
     aborted: bool = False
 
@@ -526,8 +524,8 @@ class Worker:
             status=outcome.status,
             exit_code=outcome.exit_code,
             duration_ms=outcome.duration_ms,
-            stdout=outcome.stdout,
-            stderr=outcome.stderr,
+            stdout=outcome.stdout_bytes,
+            stderr=outcome.stderr_bytes,
             stdout_dropped=outcome.stdout_dropped,
             stderr_dropped=outcome.stderr_dropped,
             error=outcome.error,
@@ -561,14 +559,10 @@ class Worker:
             run.execution.cancel()
 
     def _on_output(self, run: _Running, stream: str, data: bytes) -> None:
-        decoder = run.decoders.get(stream)
-        if decoder is None:
-            decoder = run.decoders[stream] = codecs.getincrementaldecoder("utf-8")("replace")
-        text = decoder.decode(data)
-        if not text:
+        if not data:
             return
-        run.pending.setdefault(stream, []).append(text)
-        run.pending_bytes += len(text)
+        run.pending.setdefault(stream, []).append(data)
+        run.pending_bytes += len(data)
         if run.pending_bytes >= FLUSH_BYTES:
             self._flush(run)
         elif run.flush_handle is None:
@@ -587,7 +581,7 @@ class Worker:
                     task_id=run.assignment.task_id,
                     attempt=run.assignment.attempt,
                     stream=stream,
-                    data="".join(parts),
+                    data=b"".join(parts),
                 )
             )
 

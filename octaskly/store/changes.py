@@ -9,11 +9,14 @@ with them: its position then says precisely which of the primary's transactions 
 
 Row images rather than statements: applying one is idempotent and needs no knowledge of
 the compare-and-set logic that produced it. Deleted tasks (retention) travel as their ids;
-deleting one again, or one the standby never had, changes nothing.
+deleting one again, or one the standby never had, changes nothing. A bytes value (a task's
+output) travels as ``{"base64": "..."}``, since JSON has no bytes.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 from collections.abc import Sequence
 from typing import Any
@@ -61,8 +64,8 @@ class Change:
             "lsn": self.lsn,
             "term": self.term,
             "at": self.committed_at,
-            "tasks": [list(r) for r in self.tasks],
-            "tokens": [list(r) for r in self.tokens],
+            "tasks": [_row_to_wire(r) for r in self.tasks],
+            "tokens": [_row_to_wire(r) for r in self.tokens],
         }
         if self.deleted:  # optional: a primary from before retention never sends it
             wire["deleted"] = list(self.deleted)
@@ -95,11 +98,33 @@ class Change:
                 for row in rows:
                     if not isinstance(row, list) or len(row) != width:
                         raise TypeError(f"a row of {width} columns")
-                    if not all(v is None or isinstance(v, str | int | float) for v in row):
-                        raise TypeError("row values: text, numbers or null")
+            tasks = [_row_from_wire(r) for r in tasks]
+            tokens = [_row_from_wire(r) for r in tokens]
         except (KeyError, TypeError, AttributeError) as exc:
             raise errors.ProtocolError(f"invalid change: {exc}") from None
         return cls(lsn, term, float(at), tasks, tokens, deleted)
+
+
+def _row_to_wire(row: Sequence[Any]) -> list[Any]:
+    return [
+        {"base64": base64.b64encode(v).decode("ascii")} if isinstance(v, bytes) else v for v in row
+    ]
+
+
+def _row_from_wire(row: list[Any]) -> list[Any]:
+    values: list[Any] = []
+    for value in row:
+        if isinstance(value, dict):
+            if set(value) != {"base64"} or not isinstance(value["base64"], str):
+                raise TypeError('a bytes value is {"base64": "..."}')
+            try:
+                value = base64.b64decode(value["base64"], validate=True)
+            except (binascii.Error, ValueError):
+                raise TypeError("a bytes value that is not valid base64") from None
+        elif not (value is None or isinstance(value, str | int | float)):
+            raise TypeError("row values: text, numbers, bytes or null")
+        values.append(value)
+    return values
 
 
 def _is_int(value: Any) -> bool:
@@ -107,7 +132,7 @@ def _is_int(value: Any) -> bool:
 
 
 def _row_size(row: Sequence[Any]) -> int:
-    return sum(len(v) if isinstance(v, str) else 8 for v in row)
+    return sum(len(v) if isinstance(v, str | bytes) else 8 for v in row)
 
 
 def on_history(history: Sequence[tuple[int, int]], term: int, lsn: int, last_lsn: int) -> bool:

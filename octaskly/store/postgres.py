@@ -326,11 +326,7 @@ def _task_values(task: models.Task) -> list[Any]:
 
 
 def _task(row: asyncpg.Record) -> models.Task:
-    values = list(row)
-    for i, column in enumerate(queries.TASK_FIELDS):
-        if column in _BYTES:
-            values[i] = bytes(values[i]).decode("utf-8")
-    return queries.task_from_row(values)
+    return queries.task_from_row(list(row))  # bytea comes back as the exact bytes
 
 
 def _rowcount(status: str) -> int:

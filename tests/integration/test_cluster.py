@@ -131,7 +131,7 @@ async def test_logs_of_a_finished_task(cluster: Cluster) -> None:
     assert (status, body["stdout"], body["stderr"]) == (200, "out\n", "err\n")
     async with cluster.http.get(f"{cluster.base_url}/api/v1/tasks/{task_id}/logs?follow=1") as resp:
         events = [json.loads(line) async for line in resp.content]
-    assert {"stream": "stdout", "data": "out\n"} in events
+    assert {"stream": "stdout", "data": "out\n", "data_base64": "b3V0Cg=="} in events
     assert events[-1]["event"] == "end"
 
 

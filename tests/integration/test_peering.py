@@ -4,6 +4,7 @@ socket: admission, leases (stale results), re-attachment, heartbeats and garbage
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import secrets
 import struct
@@ -89,7 +90,7 @@ class RawWorker:
                 "status": "completed",
                 "exit_code": 0,
                 "duration_ms": 5,
-                "stdout": stdout,
+                "stdout": base64.b64encode(stdout.encode()).decode(),  # protocol 5: bytes
             }
         )
         return await self.recv_type("result_ack")

@@ -4,6 +4,7 @@ second database, term history and snapshots. Real files, two stores side by side
 from __future__ import annotations
 
 import contextlib
+import json
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -97,6 +98,31 @@ async def test_a_standby_applying_the_changes_ends_identical(tmp_path: Path) -> 
         p = rows(tmp_path / "p.db", f"SELECT * FROM {table} ORDER BY 1")
         s = rows(tmp_path / "s.db", f"SELECT * FROM {table} ORDER BY 1")
         assert s[: len(p)] == p
+
+
+async def test_output_bytes_reach_the_standby_exactly(tmp_path: Path) -> None:
+    """Task output is bytes (every value, invalid UTF-8 too): a change carries it through
+    JSON, as on the wire, and the standby stores exactly what the primary has."""
+    every = bytes(range(256))
+    captured: list[changes.Change] = []
+    async with opened(tmp_path / "p.db") as primary, opened(tmp_path / "s.db") as standby:
+        await primary.capture_changes(captured.append)
+        task = testing.new_task("binary", stdout=every, stderr=every[::-1])
+        other = testing.new_task("later")
+        await primary.insert_tasks([task, other])
+        result = {"status": models.TaskStatus.COMPLETED, "stdout": every * 2, "stderr": b"\xff"}
+        await primary.apply([base.TaskUpdate(other.id, result)])
+        await standby.set_history(await primary.history())
+        task_width, token_width = standby.change_widths
+        for change in captured:
+            wire = json.loads(json.dumps(change.to_wire()))
+            parsed = changes.Change.from_wire(wire, task_width=task_width, token_width=token_width)
+            assert await standby.apply_change(parsed)
+        got = {t.id: t for t in await standby.get_tasks([task.id, other.id])}
+        assert (got[task.id].stdout, got[task.id].stderr) == (every, every[::-1])
+        assert (got[other.id].stdout, got[other.id].stderr) == (every * 2, b"\xff")
+    p = rows(tmp_path / "p.db", "SELECT * FROM tasks ORDER BY 1")
+    assert rows(tmp_path / "s.db", "SELECT * FROM tasks ORDER BY 1") == p
 
 
 async def test_a_snapshot_carries_its_position(tmp_path: Path) -> None:
@@ -206,6 +232,10 @@ def test_on_history(term: int, lsn: int, expected: bool) -> None:
         {"lsn": 1, "term": 1, "at": 0, "tasks": [[1, 2]], "tokens": []},
         {"lsn": 1, "term": 1, "at": 0, "tasks": [], "tokens": [[{"a": 1}] * 6]},
         {"lsn": 1, "term": 1, "at": 0, "tasks": "x", "tokens": []},
+        {"lsn": 1, "term": 1, "at": 0, "tasks": [], "tokens": [[{"base64": "%%"}] * 6]},
+        {"lsn": 1, "term": 1, "at": 0, "tasks": [], "tokens": [[{"base64": 5}] * 6]},
+        {"lsn": 1, "term": 1, "at": 0, "tasks": [], "tokens": [[{"base64": "", "x": 1}] * 6]},
+        {"lsn": 1, "term": 1, "at": 0, "tasks": [], "tokens": [[["AA=="]] * 6]},
     ],
 )
 def test_a_malformed_change_is_a_protocol_error(raw: Any) -> None:

@@ -172,7 +172,7 @@ async def test_a_rejected_update_fails_only_its_caller(
         )
         assert isinstance(results[0], ValueError) and results[1] == [True]
         got = await store.get_task(task.id)
-        assert got is not None and (got.error, got.stdout, got.stderr) == ("kept", "", "")
+        assert got is not None and (got.error, got.stdout, got.stderr) == ("kept", b"", b"")
     assert "a background write failed" in caplog.text
 
 
@@ -295,11 +295,28 @@ async def test_database_at_every_earlier_version_migrates(tmp_path: Path, versio
     async with aiosqlite.connect(old, isolation_level=None) as db:
         assert await migrating.migrate(db, target=version) == version
     assert query(old, "PRAGMA user_version") == [(version,)]
+    written = None
+    if version >= 1:  # a task as that version wrote it: output as TEXT (before 005)
+        written = testing.new_task("echo old", status=models.TaskStatus.COMPLETED)
+        row = list(queries.task_row(written))
+        row[queries.INSERT_COLUMNS.index("stdout") - 1] = "héllo\x00€\n"
+        row[queries.INSERT_COLUMNS.index("stderr") - 1] = "\ufffdoops"
+        with contextlib.closing(sqlite3.connect(old)) as conn:
+            conn.execute(queries.INSERT_TASK, [7, *row])
+            conn.commit()
     for path in (old, fresh):
         async with opened(path) as store:
             await store.insert_tasks([testing.new_task()])
+            if written is not None and path == old:
+                got = await store.get_task(written.id)
+                assert got is not None and got.queue_seq == 7
+                assert (got.stdout, got.stderr) == ("héllo\x00€\n".encode(), "\ufffdoops".encode())
     assert schema(old) == schema(fresh)
     assert query(old, "PRAGMA user_version") == [(migrating.latest_version(),)]
+    assert query(old, "SELECT DISTINCT typeof(stdout), typeof(stderr) FROM tasks") == [
+        ("blob", "blob")
+    ]
+    assert query(old, "PRAGMA integrity_check") == [("ok",)]
 
 
 async def test_newer_database_is_refused(tmp_path: Path) -> None:

@@ -102,6 +102,27 @@ async def test_insert_get_round_trips_every_field(store: base.Store) -> None:
     assert got is not None and got.spec.priority == models.Priority.HIGH
 
 
+EVERY_BYTE = bytes(range(256))
+
+
+async def test_output_is_stored_as_the_exact_bytes(store: base.Store) -> None:
+    """Every byte value (NUL, invalid UTF-8, a torn character) comes back as written, both
+    from an insert and from an update (a result)."""
+    inserted = testing.new_task(stdout=EVERY_BYTE, stderr=EVERY_BYTE[::-1], stdout_dropped=3)
+    updated = testing.new_task()
+    await store.insert_tasks([inserted, updated])
+    result = {"stdout": EVERY_BYTE[::-1] * 3, "stderr": b"\xe2\x82", "stderr_dropped": 1}
+    assert await store.apply([base.TaskUpdate(updated.id, result)]) == [True]
+    got = {t.id: t for t in await store.get_tasks([inserted.id, updated.id])}
+    assert (got[inserted.id].stdout, got[inserted.id].stderr) == (EVERY_BYTE, EVERY_BYTE[::-1])
+    assert got[inserted.id].stdout_dropped == 3
+    one = await store.get_task(updated.id)
+    assert one is not None and (one.stdout, one.stderr) == (EVERY_BYTE[::-1] * 3, b"\xe2\x82")
+    assert (one.stdout_dropped, one.stderr_dropped) == (0, 1)
+    page = await store.list_tasks()
+    assert {t.id: t.stdout for t in page.tasks}[inserted.id] == EVERY_BYTE
+
+
 async def test_queue_seq_is_assigned_in_acknowledgement_order(store: base.Store) -> None:
     first = await store.insert_tasks([testing.new_task(), testing.new_task()])
     second = await store.insert_tasks([testing.new_task(queue_seq=999)])  # input seq ignored

@@ -80,7 +80,7 @@ def valid_hello() -> dict[str, Any]:
 VALID = [
     valid_hello(),
     {"type": "heartbeat", "running": [{"task_id": "t1", "attempt": 2}]},
-    {"type": "output", "task_id": "t1", "attempt": 1, "stream": "stdout", "data": "hi\n"},
+    {"type": "output", "task_id": "t1", "attempt": 1, "stream": "stdout", "data": "aGkK"},
     {
         "type": "result",
         "task_id": "t1",
@@ -88,7 +88,7 @@ VALID = [
         "status": "completed",
         "exit_code": 0,
         "duration_ms": 5,
-        "stdout": "ok",
+        "stdout": "b2sK",
     },
     {"type": "drain"},
     {"type": "release", "runs": [{"task_id": "t1", "attempt": 1}]},
