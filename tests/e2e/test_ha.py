@@ -9,11 +9,13 @@ heartbeats every second); the logic is the production one.
 
 from __future__ import annotations
 
+import base64
 import collections
 import contextlib
 import dataclasses
 import signal
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -25,9 +27,11 @@ from octaskly import errors
 from octaskly.cli.client import APIError, Client
 from tests.e2e import relays
 from tests.e2e.procs import (
+    OCTASKLY,
     SECRET,
     TOKENS,
     clean_env,
+    client_env,
     free_port,
     http,
     processes,
@@ -286,10 +290,54 @@ def check_nothing_lost(pair: Pair, node: Node, acks: list[Ack]) -> dict[str, int
     return report
 
 
+EVERY_BYTE = bytes(range(256))
+WRITE_EVERY_BYTE = (
+    f"{sys.executable} -c 'import sys; sys.stdout.buffer.write(bytes(range(256))); "
+    "sys.stderr.buffer.write(bytes(reversed(range(256))))'"
+)
+
+
+def _binary_task(pair: Pair) -> str:
+    """A finished task whose output is every byte value (stderr reversed), replicated."""
+    code, body = http("POST", f"{pair.a.api}/api/v1/tasks", {"command": WRITE_EVERY_BYTE})
+    assert code == 201, body
+    task_id = str(body["id"])
+    wait_for(
+        lambda: http("GET", f"{pair.a.api}/api/v1/tasks/{task_id}")[1]["status"] == "completed",
+        what="the binary task to complete",
+    )
+    pair.wait_in_sync()
+    return task_id
+
+
+def _check_binary_task(pair: Pair, node: Node, task_id: str) -> None:
+    """The task's output is exactly its bytes on `node`: raw, base64 and `octaskly logs`."""
+    for stream, expected in (("stdout", EVERY_BYTE), ("stderr", EVERY_BYTE[::-1])):
+        request = urllib.request.Request(
+            f"{node.api}/api/v1/tasks/{task_id}/logs?format=raw&stream={stream}",
+            headers={"Authorization": f"Bearer {TOKENS[node.api]}"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            assert resp.read() == expected
+    record = http("GET", f"{node.api}/api/v1/tasks/{task_id}")[1]
+    assert base64.b64decode(record["stdout_base64"]) == EVERY_BYTE
+    logs = subprocess.run(
+        [*OCTASKLY, "logs", task_id],
+        cwd=pair.tmp,
+        env=client_env(node.api),
+        capture_output=True,
+        timeout=60,
+    )
+    assert (logs.returncode, logs.stdout, logs.stderr) == (0, EVERY_BYTE, EVERY_BYTE[::-1])
+    print(f"binary output of {task_id} exact on {node.name} (raw, base64, octaskly logs)")
+
+
 def test_kill_9_primary_under_sync_load(tmp_path: Path) -> None:
     """kill -9 the primary while 4 clients submit with sync replication: every 201 is on
-    the new primary, running tasks complete once, failover well under 10 s."""
+    the new primary, running tasks complete once, failover well under 10 s. A task's binary
+    output replicated before the kill is exact on the new primary."""
     with ha_pair(tmp_path, replication="sync") as pair:
+        binary = _binary_task(pair)
         with Load(pair) as load:
             wait_for(lambda: load.count() >= 40, timeout=60, what="40 acknowledged tasks")
             assert pair.a.proc is not None
@@ -323,6 +371,7 @@ def test_kill_9_primary_under_sync_load(tmp_path: Path) -> None:
         assert status["events"][-1]["event"] == "promoted"
         wait_all_finished(pair.b)
         check_nothing_lost(pair, pair.b, acks)
+        _check_binary_task(pair, pair.b, binary)
 
 
 def test_cut_link_between_dispatchers_alone_does_not_promote(tmp_path: Path) -> None:

@@ -11,13 +11,20 @@ ones run, the client token works, the revoked one does not, the key replays.
 
 from __future__ import annotations
 
+import base64
 import json
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
 
 from tests.e2e import procs
+
+EVERY_BYTE = (
+    f"{sys.executable} -c 'import sys; sys.stdout.buffer.write(bytes(range(256))); "
+    "sys.stderr.buffer.write(bytes(reversed(range(256))))'"
+)
 
 
 def _dispatcher_flags(tmp_path: Path) -> tuple[list[str], str, Path, Path]:
@@ -53,6 +60,8 @@ def test_migrate_a_live_installation_to_postgresql(tmp_path: Path, pg_url: str) 
         )  # fmt: skip
         done = [procs.http("POST", f"{api}/api/v1/tasks", {"command": "echo done"})[1]["id"]
                 for _ in range(3)]  # fmt: skip
+        binary = procs.http("POST", f"{api}/api/v1/tasks", {"command": EVERY_BYTE})[1]["id"]
+        done.append(binary)  # its output is every byte value: it must move exactly
         procs.wait_for(
             lambda: all(procs.http("GET", f"{api}/api/v1/tasks/{t}")[1]["status"] == "completed"
                         for t in done),
@@ -127,6 +136,9 @@ def test_migrate_a_live_installation_to_postgresql(tmp_path: Path, pg_url: str) 
             timeout=60,
             what="every migrated task completed",
         )  # fmt: skip
+        moved_binary = procs.http("GET", f"{api}/api/v1/tasks/{binary}")[1]
+        assert base64.b64decode(moved_binary["stdout_base64"]) == bytes(range(256))
+        assert base64.b64decode(moved_binary["stderr_base64"]) == bytes(range(255, -1, -1))
         long_task = procs.http("GET", f"{api}/api/v1/tasks/{long_id}")[1]
         assert long_task["stdout"] == "long\n" and long_task["attempts"] == 1
         runs = marks.read_text().splitlines()
