@@ -301,12 +301,16 @@ def workers(client: Client, args: argparse.Namespace) -> int:
             f"{w['current_jobs']}/{w['max_jobs']}",
             f"{w['resources']['cpu_cores']:g}",
             str(w["resources"]["memory_mb"]),
+            # the levels a run there can get (a federation member of an older version
+            # publishes only the worker's own)
+            ",".join(w.get("sandbox_levels", [w["sandbox_level"]])) or "-",
             w["address"],
             w["last_heartbeat"],
         ]
         for w in data["workers"]
     ]
-    print(_table(rows, ["NAME", "STATE", "JOBS", "CPUS", "MEMORY_MB", "ADDRESS", "LAST_HEARTBEAT"]))
+    header = ["NAME", "STATE", "JOBS", "CPUS", "MEMORY_MB", "SANDBOX", "ADDRESS", "LAST_HEARTBEAT"]
+    print(_table(rows, header))
     return 0
 
 
