@@ -64,6 +64,9 @@ WORKER_KEYS = [
     "data_dir",
     "output_limit_kb",
     "work_dir",
+    "task_user",
+    "sandbox_read_only_paths",
+    "containment",
     "connection_timeout",
     *COMMON_KEYS,
 ]

@@ -9,6 +9,7 @@ import errno
 import fcntl
 import logging
 import os
+import pwd
 import resource
 import secrets
 import signal
@@ -23,7 +24,7 @@ from typing import Any
 import psutil
 from aiohttp import web
 
-from octaskly import __version__, errors, files, keyring
+from octaskly import __version__, errors, executing, files, keyring
 from octaskly.api import app as api_app
 from octaskly.cli import tokens_cmd
 from octaskly.config import settings as config_settings
@@ -503,6 +504,16 @@ def worker_options(settings: config_settings.Settings) -> working.Options:
         raise errors.ConfigError(f"sandbox_level = {w.sandbox_level.value}: {problem}")
     key_file = settings.security.secret_key_file
     secret = find_secret(settings, settings.data_dir())
+    task_user = resolve_task_user(w.task_user)
+    try:
+        contain = executing.detect_containment(w.containment, task_user=task_user)
+    except executing.ContainmentUnavailable as exc:
+        raise errors.ConfigError(f"containment = {w.containment}: {exc}") from None
+    level = "none/basic tasks" if task_user is None else f"none/basic tasks (as uid {task_user[0]})"
+    if contain.kind is executing.ContainmentKind.PROCESS_GROUP:
+        log.warning("%s are contained by %s", level, contain.describe())
+    else:
+        log.info("%s are contained by %s; strict and up by bubblewrap", level, contain.describe())
     return working.Options(
         name=w.name or socket.gethostname(),
         dispatcher_addrs=addrs,
@@ -516,7 +527,43 @@ def worker_options(settings: config_settings.Settings) -> working.Options:
         connect_timeout=settings.performance.connection_timeout,
         transport=w.transport,
         sandbox_hide=(settings.data_dir(), *([key_file] if key_file is not None else [])),
+        task_user=task_user,
+        sandbox_read_only_paths=w.sandbox_read_only_paths,
+        containment=contain,
     )
+
+
+def resolve_task_user(name: str | None) -> tuple[int, int] | None:
+    """The uid/gid a worker runs its none/basic tasks as (`task_user`); None: as itself.
+
+    A root worker defaults to ``nobody`` (65534 where there is no such user); a worker that
+    is not root cannot switch, so it refuses a `task_user` other than itself.
+    """
+    entry: pwd.struct_passwd | None = None
+    if name is not None:
+        try:
+            entry = pwd.getpwuid(int(name)) if name.isdigit() else pwd.getpwnam(name)
+        except (KeyError, OverflowError):
+            if not name.isdigit():
+                raise errors.ConfigError(f"task_user = {name}: no such user") from None
+    if os.geteuid() != 0:
+        uid = entry.pw_uid if entry is not None else None if name is None else int(name)
+        if uid is not None and uid != os.geteuid():
+            raise errors.ConfigError(
+                f"task_user = {name}: only a worker running as root can run tasks as another user"
+            )
+        return None
+    if name is None:
+        with contextlib.suppress(KeyError):
+            entry = pwd.getpwnam("nobody")
+        if entry is None:
+            return SANDBOX_IDS
+    if entry is None:  # a uid without a passwd entry
+        return int(name or 0), int(name or 0)
+    return entry.pw_uid, entry.pw_gid
+
+
+SANDBOX_IDS = (65534, 65534)
 
 
 async def find_dispatchers(

@@ -366,6 +366,45 @@ class WorkerSettings(_Table):
         description="Where task working directories are made (a tmpfs makes spawning faster)",
         examples=["/var/lib/octaskly/work"],
     )
+    task_user: str | None = Field(
+        default=None,
+        description="User a root worker runs none/basic tasks as (name or uid; root: as "
+        "itself); default nobody. strict and up always run as nobody",
+        examples=["nobody"],
+    )
+    sandbox_read_only_paths: tuple[Path, ...] = Field(
+        default=(),
+        max_length=64,
+        description="More absolute paths strict tasks see read-only, besides the system "
+        "directories (/usr, /etc, ...): e.g. /opt/tools",
+        examples=[["/opt/tools"]],
+    )
+    containment: Literal["auto", "cgroup-v2", "cgroup-v1", "pid-namespace", "process-group"] = (
+        Field(
+            default="auto",
+            description="How none/basic tasks are kept whole (everything they start dies "
+            "with them): auto picks the best that works here; process-group lets setsid escape",
+        )
+    )
+
+    @pydantic.field_validator("sandbox_read_only_paths")
+    @classmethod
+    def _read_only_paths(cls, value: tuple[Path, ...]) -> tuple[Path, ...]:
+        for path in value:
+            text = str(path)
+            if not path.is_absolute() or "\0" in text:
+                raise ValueError(f"{text!r} is not an absolute path")
+            normal = Path(os.path.normpath(text))
+            if normal == Path("/"):
+                raise ValueError("'/' would show strict tasks the whole machine")
+        return tuple(Path(os.path.normpath(str(p))) for p in value)
+
+    @pydantic.field_validator("task_user")
+    @classmethod
+    def _task_user(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}", value):
+            raise ValueError(f"{value!r} is not a user name or uid")
+        return value
 
     @pydantic.field_validator("dispatcher_addr")
     @classmethod

@@ -59,6 +59,12 @@ class Options:
     sandbox_hide: tuple[Path, ...] = ()
     keys: keyring.Keyring | None = None
     """The key file's keys (re-read when it changes); None: just `secret_key`."""
+    task_user: tuple[int, int] | None = None
+    """uid/gid a root worker runs none/basic tasks as (see `resolve_task_user`); None: itself."""
+    sandbox_read_only_paths: tuple[Path, ...] = ()
+    """More paths strict tasks see read-only."""
+    containment: str | executing.Containment = "auto"
+    """How none/basic runs are kept whole: a detected Containment, or what to detect."""
 
 
 def rlimits(
@@ -180,7 +186,16 @@ class Worker:
         self.sandbox_unavailable: dict[models.SandboxLevel, str] | None = None
         """The sandbox report of the hello (see `sandbox_report`); None until `run` probed."""
         # Runs reuse the working directories earlier runs left empty (see executing.workdirs).
-        self._workdirs = executing.Workdirs(options.workdir_root, keep=options.max_jobs)
+        self._workdirs = executing.Workdirs(
+            options.workdir_root,
+            keep=options.max_jobs,
+            owners=tuple({options.task_user[0]} if options.task_user else ()),
+        )
+        contain = options.containment
+        if isinstance(contain, str):
+            contain = executing.detect_containment(contain, task_user=options.task_user)
+        self.containment: executing.Containment = contain
+        """How this worker's none/basic runs are kept whole (strict and up: bubblewrap)."""
         # Read the environment once: iterating os.environ per task costs more than a spawn.
         self._base_env = {
             k: v
@@ -468,12 +483,15 @@ class Worker:
             rlimits=rlimits(assignment, level),
             sandbox_level=level,
             hidden=self.options.sandbox_hide,
+            exposed=self.options.sandbox_read_only_paths,
+            task_user=self.options.task_user,
         )
         holder: list[_Running] = []
         execution = executing.Execution(
             request,
             base_env=self._base_env,
             workdirs=self._workdirs,
+            contain=self.containment,
             on_output=lambda stream, data: self._on_output(holder[0], stream, data),
         )
         run = _Running(assignment, execution)
@@ -725,3 +743,4 @@ class Worker:
         tasks = list(self._exec_tasks)
         await asyncio.gather(*tasks, return_exceptions=True)
         self._workdirs.close()
+        self.containment.close()

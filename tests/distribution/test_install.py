@@ -412,8 +412,9 @@ def test_units_verify_cleanly_and_are_hardened(
         print(f"\n{summary}")
     assert scores["octaskly-dispatcher.service"] <= 3.0
     # the worker runs arbitrary tasks in bubblewrap: namespaces, mounts and its own /proc
-    # have to stay possible; keep it where it is
-    assert scores["octaskly-worker@w1.service"] <= 3.0
+    # have to stay possible, and it kills each none/basic task's cgroup in the subtree it
+    # is delegated (Delegate=yes, so no ProtectControlGroups: +0.2); keep it where it is
+    assert scores["octaskly-worker@w1.service"] <= 3.1
     assert _exposure(analyze, units, "octaskly-backup.service") <= 1.0
 
 

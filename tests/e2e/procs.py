@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import site
 import subprocess
 import sys
 import time
@@ -59,18 +60,40 @@ def with_store(
 
 
 def start(
-    args: Sequence[str], *, cwd: Path, env: dict[str, str] | None = None, log: Path | None = None
+    args: Sequence[str],
+    *,
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    log: Path | None = None,
+    task_user: str | None = "root",
+    uid: int | None = None,
 ) -> subprocess.Popen[bytes]:
+    """Start `octaskly ARGS`; `uid` runs it as that user (with the system's Python 3.11 and
+    this venv's packages: the venv's interpreter lives under root's home)."""
     args, env = with_store(args, cwd, env or clean_env())
+    if args and args[0] in ("worker", "dev") and task_user is not None:
+        # These tests run as root, and their tasks write marks into pytest's tmp dirs (in
+        # root's 0700 tree): let none/basic tasks keep the worker's user. The default (a
+        # root worker runs them as nobody) is what tests/e2e/test_isolation.py checks.
+        env = {"OCTASKLY_TASK_USER": task_user, **env}
+    command, switch = [*OCTASKLY, *args], {}
+    if uid is not None:
+        command = ["/usr/bin/python3", "-m", "octaskly", *args]
+        env = {**env, "PYTHONPATH": os.pathsep.join([str(REPO), *site.getsitepackages()])}
+        switch = {"user": uid, "group": uid, "extra_groups": []}
     with open(log or cwd / f"{args[0]}-{time.monotonic_ns()}.log", "wb") as out:
         return subprocess.Popen(
-            [*OCTASKLY, *args],
+            command,
             cwd=cwd,
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            **switch,
         )
+
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run(

@@ -115,6 +115,11 @@ PRECEDENCE = [
     ("whitelist", '["w1"]', "w2, w3", ["w4"], ("w1",), ("w2", "w3"), ("w4",)),
     ("log_level", '"error"', "WARN", "debug", "error", "warning", "debug"),
     ("task_retention_hours", "0", "0.5", "48", 0.0, 0.5, 48.0),
+    ("task_user", '"octaskly"', "root", "1001", "octaskly", "root", "1001"),
+    ("sandbox_read_only_paths", '["/opt/tools/"]', "/srv/a,/srv/b", ["/data//x"],
+     (Path("/opt/tools"),), (Path("/srv/a"), Path("/srv/b")), (Path("/data/x"),)),
+    ("containment", '"pid-namespace"', "cgroup-v1", "process-group",
+     "pid-namespace", "cgroup-v1", "process-group"),
 ]  # fmt: skip
 
 
@@ -295,6 +300,18 @@ FILE_ERRORS = [
     ("[worker]\nsandbox_level = 'paranoid'\n", ["sandbox_level", "'very-strict'"]),
     ("[worker]\ntransport = 'udp'\n", ["transport", "'quic'"]),
     ("[worker]\noutput_limit_kb = 0\n", ["output_limit_kb", "between 1 and 1048576"]),
+    ("[worker]\ntask_user = 'a b'\n", ["task_user", "'a b' is not a user name or uid"]),
+    ("[worker]\ntask_user = '-root'\n", ["task_user", "not a user name"]),
+    ("[worker]\ntask_user = 0\n", ["task_user", "expected a string"]),
+    ("[worker]\nsandbox_read_only_paths = ['/']\n",
+     ["sandbox_read_only_paths", "the whole machine"]),
+    ("[worker]\nsandbox_read_only_paths = ['/usr/..']\n",
+     ["sandbox_read_only_paths", "the whole machine"]),
+    ("[worker]\nsandbox_read_only_paths = ['opt/tools']\n",
+     ["sandbox_read_only_paths", "'opt/tools' is not an absolute path"]),
+    ("[worker]\nsandbox_read_only_paths = '/opt'\n", ["sandbox_read_only_paths", "expected a list"]),
+    ("[worker]\ncontainment = 'docker'\n", ["containment", "'process-group'"]),
+    ("[dispatcher]\ncontainment = 'auto'\n", ['"containment" belongs in [worker]']),
     ("[logging]\nlog_level = 'loud'\n", ["log_level", "'debug'"]),
     ("[logging]\nlog_format = 'xml'\n", ["log_format", "'json'"]),
     ("[api]\napi_url = 'ftp://h'\n", ["api_url", "http://"]),
@@ -349,6 +366,10 @@ ENV_ERRORS = [
     ({"OCTASKLY_CLIENT_MIN_SANDBOX_LEVEL": ""}, "OCTASKLY_CLIENT_MIN_SANDBOX_LEVEL=: must be"),
     ({"OCTASKLY_CLIENT_MIN_SANDBOX_LEVEL": "very_strict"},
      "OCTASKLY_CLIENT_MIN_SANDBOX_LEVEL=very_strict: must be"),
+    ({"OCTASKLY_TASK_USER": "root;id"}, "OCTASKLY_TASK_USER=root;id: 'root;id' is not a user"),
+    ({"OCTASKLY_CONTAINMENT": "none"}, "OCTASKLY_CONTAINMENT=none: must be"),
+    ({"OCTASKLY_SANDBOX_READ_ONLY_PATHS": "/opt,rel"},
+     "OCTASKLY_SANDBOX_READ_ONLY_PATHS=/opt,rel: 'rel' is not an absolute path"),
 ]  # fmt: skip
 
 
