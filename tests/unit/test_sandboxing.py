@@ -246,9 +246,7 @@ def test_the_system_mounts_of_this_machine_exist_and_keep_its_symlinks() -> None
 def test_env_script_exports_each_variable_quoted_then_says_ready() -> None:
     script = sandboxing.env_script({"A": "it's $HOME `x` \\", "B": "two\nlines"})
     assert script == (
-        b"export A='it'\\''s $HOME `x` \\'\n"
-        b"export B='two\nlines'\n"
-        b"OCTASKLY_READY=1\n"
+        b"export A='it'\\''s $HOME `x` \\'\nexport B='two\nlines'\nOCTASKLY_READY=1\n"
     )
 
 
