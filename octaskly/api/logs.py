@@ -4,8 +4,9 @@ In JSON, each stream is four fields: `stdout` (text: UTF-8 decoded, U+FFFD where
 are not UTF-8, as before output was kept as bytes), `stdout_base64` (the exact bytes),
 `stdout_encoding` ("utf-8": the text is exactly the bytes; "binary": it is not, read
 `stdout_base64`) and `stdout_dropped_bytes` (bytes cut from the head of the stream before
-`stdout_base64`; after such a cut, the rest of a torn character is left out of the text).
-`output_source` says where the output shown comes from (see `live.OutputSource`).
+`stdout_base64`; after such a cut, the rest of a torn character is left out of the text;
+so is the start of a character a running task has not finished writing). `output_source`
+says where the output shown comes from (see `live.OutputSource`).
 `?format=raw&stream=stdout` answers the bytes themselves. Followed logs (NDJSON) carry
 each chunk as `data` (text, decoded across chunk boundaries) and `data_base64`.
 """
@@ -24,9 +25,9 @@ STREAMS = ("stdout", "stderr")
 FORMATS = ("json", "raw")
 
 
-def stream_fields(name: str, data: bytes, dropped: int) -> dict[str, Any]:
-    """The four JSON fields of one stream."""
-    view = output.as_text(data, dropped=dropped)
+def stream_fields(name: str, data: bytes, dropped: int, *, final: bool = True) -> dict[str, Any]:
+    """The four JSON fields of one stream (`final`: the stream has ended)."""
+    view = output.as_text(data, dropped=dropped, final=final)
     return {
         name: view.text,
         f"{name}_base64": base64.b64encode(data).decode("ascii"),
@@ -37,9 +38,10 @@ def stream_fields(name: str, data: bytes, dropped: int) -> dict[str, Any]:
 
 def output_fields(task: models.Task, source: live.OutputSource) -> dict[str, Any]:
     """Both streams' fields and `output_source`."""
+    final = source != "live"
     return {
-        **stream_fields("stdout", task.stdout, task.stdout_dropped),
-        **stream_fields("stderr", task.stderr, task.stderr_dropped),
+        **stream_fields("stdout", task.stdout, task.stdout_dropped, final=final),
+        **stream_fields("stderr", task.stderr, task.stderr_dropped, final=final),
         "output_source": source,
     }
 
@@ -54,10 +56,12 @@ def raw(task: models.Task, stream: str) -> tuple[bytes, int]:
 class EventText:
     """Turns the dispatcher's follow events into JSON ones: a chunk gets `data` (text,
     decoded per stream across chunk boundaries, so that a character split between two
-    chunks is not torn) and `data_base64` (its exact bytes)."""
+    chunks is not torn) and `data_base64` (its exact bytes). After a `dropped` event, the
+    rest of a character torn by the gap is left out of the text, as in `output.as_text`."""
 
     def __init__(self) -> None:
         self._decoders: dict[str, codecs.IncrementalDecoder] = {}
+        self._cut: set[str] = set()
 
     def events(self, event: Mapping[str, Any]) -> list[dict[str, Any]]:
         """The JSON events for one of the dispatcher's (usually one)."""
@@ -69,15 +73,20 @@ class EventText:
                 if (text := decoder.decode(b"", final=True))
             ]
             self._decoders.clear()
+            self._cut = set(STREAMS) if event.get("event") == "dropped" else set()
             return [*out, dict(event)]
         stream, data = event["stream"], event["data"]
         decoder = self._decoders.get(stream)
         if decoder is None:
             decoder = self._decoders[stream] = codecs.getincrementaldecoder("utf-8")("replace")
+        text = data
+        if stream in self._cut:
+            self._cut.discard(stream)
+            text = data[output.as_text(data[:3], dropped=1).torn :]
         return [
             {
                 "stream": stream,
-                "data": decoder.decode(data),
+                "data": decoder.decode(text),
                 "data_base64": base64.b64encode(data).decode("ascii"),
             }
         ]

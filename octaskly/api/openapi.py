@@ -157,7 +157,8 @@ def _stream_props(name: str) -> dict[str, Any]:
         name: {
             "type": "string",
             "description": f"{name} as text: UTF-8, U+FFFD where the bytes are not "
-            f"(exact when {name}_encoding is utf-8)",
+            f"(exact when {name}_encoding is utf-8); the start of a character a running "
+            "task has not finished writing is left out",
         },
         f"{name}_base64": {
             "type": "string",

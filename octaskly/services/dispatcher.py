@@ -515,9 +515,8 @@ class Dispatcher:
                 held = None
             if task.status.is_terminal:
                 if streamed_attempt != task.attempts:
-                    for stream, data in (("stdout", task.stdout), ("stderr", task.stderr)):
-                        if data:
-                            yield {"stream": stream, "data": data}
+                    for event in _stored_output(task):
+                        yield event
                 yield {
                     "event": "end",
                     "status": task.status.value,
@@ -1111,6 +1110,18 @@ def _idempotency_conflict(key: str | None) -> errors.ConflictError:
         f"Idempotency-Key {key!r} was already used by a different request (a batch of "
         "another size, or a single task whose key is one of this batch's keys KEY#N)"
     )
+
+
+def _stored_output(task: models.Task) -> list[dict[str, Any]]:
+    """A finished task's stored output as follow events (for a follower who saw none of
+    its last attempt live)."""
+    events: list[dict[str, Any]] = []
+    if task.stdout_dropped or task.stderr_dropped:
+        events.append({"event": "dropped"})  # the stored tails begin after a cut
+    for stream, data in (("stdout", task.stdout), ("stderr", task.stderr)):
+        if data:
+            events.append({"stream": stream, "data": data})
+    return events
 
 
 def _candidate(task: models.Task) -> queueing.Ref:

@@ -142,35 +142,39 @@ async def test_a_character_split_between_chunks_is_whole_in_the_followed_text(
 async def test_a_running_tasks_record_and_logs_show_the_output_so_far(cluster: Cluster) -> None:
     await cluster.add_worker("w1")
     gate = cluster.tmp / "gate"
-    so_far = EVERY_BYTE + b"first\n"
+    so_far, err_so_far = EVERY_BYTE + b"first\n", b"oops \xe2\x82"  # half a euro sign
     task_id = await cluster.submit(
-        command=f"{WRITE_EVERY_BYTE}; echo first; echo oops >&2; "
-        f"while [ ! -e {gate} ]; do sleep 0.02; done; echo second"
+        command=f"{WRITE_EVERY_BYTE} 2>/dev/null; echo first; printf 'oops \\342\\202' >&2; "
+        f"while [ ! -e {gate} ]; do sleep 0.02; done; echo second; printf '\\254\\n' >&2"
     )
 
     async def shows_it() -> bool:
         record = await cluster.task(task_id)
-        return base64.b64decode(record["stdout_base64"]) == so_far and record["stderr"].endswith(
-            "oops\n"
-        )
+        return base64.b64decode(record["stdout_base64"]) == so_far and base64.b64decode(
+            record["stderr_base64"]
+        ) == (err_so_far)
 
     await until(shows_it, timeout=30, what="the record to show the output so far")
     record = await cluster.task(task_id)
     assert record["status"] == "running" and record["output_source"] == "live"
-    assert base64.b64decode(record["stderr_base64"]) == EVERY_BYTE[::-1] + b"oops\n"
-    assert record["stdout_dropped_bytes"] == 0
+    assert (record["stdout_dropped_bytes"], record["stdout_encoding"]) == (0, "binary")
+    # the character it is still writing is left out of the text, not shown as U+FFFD
+    assert (record["stderr"], record["stderr_encoding"]) == ("oops ", "utf-8")
     status, body, headers = await raw(cluster, task_id, "stdout")
     assert (status, body) == (200, so_far)
     assert (headers["X-Octaskly-Task-Status"], headers["X-Octaskly-Output-Source"]) == (
         "running",
         "live",
     )
+    status, logs = await cluster.api("GET", f"/api/v1/tasks/{task_id}/logs")
+    assert (logs["status"], logs["output_source"], logs["stderr"]) == ("running", "live", "oops ")
     code, out, err = await octaskly(cluster, "logs", task_id)
-    assert (code, out, err) == (0, so_far, EVERY_BYTE[::-1] + b"oops\n")
+    assert (code, out, err) == (0, so_far, err_so_far)
 
     gate.touch()
     record = await cluster.wait_status(task_id, "completed")
     assert base64.b64decode(record["stdout_base64"]) == so_far + b"second\n"
+    assert (record["stderr"], record["stderr_encoding"]) == ("oops €\n", "utf-8")
     assert record["output_source"] == "store"
 
 

@@ -122,3 +122,25 @@ def test_the_text_says_whether_it_is_exact(data: bytes, dropped: int, encoding: 
 def test_a_negative_limit_is_refused() -> None:
     with pytest.raises(ValueError, match="limit"):
         tails.TailBuffer(-1)
+
+
+@pytest.mark.parametrize(
+    ("data", "text", "unfinished", "encoding"),
+    [
+        (b"ab", "ab", 0, output.UTF8),
+        ("a€".encode()[:-1], "a", 2, output.UTF8),  # half a euro sign: still being written
+        ("a€".encode()[:-2], "a", 1, output.UTF8),
+        ("a😀".encode()[:-1], "a", 3, output.UTF8),
+        ("€".encode(), "€", 0, output.UTF8),
+        (b"\xff\xe2\x82", "\ufffd", 2, output.BINARY),  # invalid before, unfinished after
+        (b"a\x80", "a\ufffd", 0, output.BINARY),  # a lone continuation byte finishes nothing
+    ],
+)
+def test_the_output_so_far_leaves_out_a_character_not_finished_yet(
+    data: bytes, text: str, unfinished: int, encoding: str
+) -> None:
+    view = output.as_text(data, final=False)
+    assert (view.text, view.unfinished, view.encoding) == (text, unfinished, encoding)
+    ended = output.as_text(data)  # once the stream ended, the same bytes are invalid
+    assert ended.unfinished == 0
+    assert ended.encoding == (output.BINARY if unfinished else encoding)
