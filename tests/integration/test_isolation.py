@@ -470,3 +470,65 @@ async def test_a_root_worker_runs_none_and_basic_tasks_as_its_task_user(place: P
         result = await executing.Execution(request, contain=None).run()
         assert result.status == "completed", result
         assert result.stdout.split() == [expected]
+
+
+DELEGATED_WORKER = r"""
+import asyncio, json, sys
+from pathlib import Path
+sys.stdin.readline()  # (moved into its delegated cgroup by now, as systemd would start it)
+from octaskly import executing
+from octaskly.domain import models
+
+async def main() -> None:
+    contain = executing.detect_containment()
+    request = executing.ExecRequest(
+        task_id="t", attempt=1, command=sys.argv[1], env={}, timeout=120,
+        workdir_root=Path(sys.argv[2]), sandbox_level=models.SandboxLevel.BASIC,
+    )
+    result = await executing.Execution(request, contain=contain).run()
+    print(json.dumps({"kind": contain.kind.value, "base": str(contain.base),
+                      "status": result.status}), flush=True)
+    contain.close()
+
+asyncio.run(main())
+"""
+
+
+async def test_an_unprivileged_worker_uses_the_cgroup_delegated_to_it(place: Path) -> None:
+    # What systemd's Delegate=yes gives the shipped unit: the worker's own cgroup (and the
+    # files that let it manage its subtree) belong to its user. Made here by hand, as root.
+    mount = containment._mount_point("cgroup2", None)
+    assert mount is not None
+    delegated = mount / f"octaskly-test-delegated-{uuid.uuid4().hex[:8]}"
+    delegated.mkdir()
+    try:
+        for path in (delegated, *(delegated / f for f in ("cgroup.procs", "cgroup.threads"))):
+            os.chown(path, NOBODY, NOBODY)
+        os.chown(place / "work", NOBODY, NOBODY)
+        tag = str(uuid.uuid4().int)[:12]
+        env = {
+            "PATH": sandboxing.SAFE_PATH,
+            "HOME": "/nonexistent",
+            "PYTHONPATH": os.pathsep.join(
+                [str(Path(executing.__file__).parents[2]), *site.getsitepackages()]
+            ),
+        }
+        proc = await asyncio.create_subprocess_exec(
+            "/usr/bin/python3", "-c", DELEGATED_WORKER, survivors_command(tag), str(place / "work"),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/",
+            env=env, user=NOBODY, group=NOBODY, extra_groups=[],
+        )  # fmt: skip
+        (delegated / "cgroup.procs").write_text(f"{proc.pid}\n")
+        out, err = await asyncio.wait_for(proc.communicate(b"go\n"), 120)
+        assert proc.returncode == 0, err.decode()
+        outcome = json.loads(out.decode().splitlines()[-1])
+        assert outcome["kind"] == "cgroup-v2", outcome
+        assert outcome["base"].startswith(str(delegated) + "/"), outcome
+        assert outcome["status"] == "completed", outcome
+        await until_gone(tag)
+    finally:
+        for child in sorted(delegated.rglob("*"), reverse=True):
+            if child.is_dir():
+                with contextlib.suppress(OSError):
+                    child.rmdir()
+        delegated.rmdir()
