@@ -43,6 +43,11 @@ class Candidate:
 
 
 ALL_LEVELS = frozenset(models.SandboxLevel)
+# Every set of runnable levels, once (at most 16): workers that can run the same levels
+# share one set, which `common_levels` then intersects once, not once per worker.
+_RUNNABLE: dict[frozenset[models.SandboxLevel], frozenset[models.SandboxLevel]] = {
+    ALL_LEVELS: ALL_LEVELS
+}
 
 
 def effective_level(
@@ -67,7 +72,7 @@ class Sandboxes:
 
     def __post_init__(self) -> None:
         runnable = frozenset(level for level in models.SandboxLevel if self.problem(level) is None)
-        object.__setattr__(self, "runnable", ALL_LEVELS if runnable == ALL_LEVELS else runnable)
+        object.__setattr__(self, "runnable", _RUNNABLE.setdefault(runnable, runnable))
 
     def problem(self, task_level: models.SandboxLevel | None) -> str | None:
         """Why this worker cannot run a task of `task_level`; None when it can."""
@@ -196,11 +201,11 @@ def _sandbox_reason(level: models.SandboxLevel | None, workers: Sequence[WorkerS
 
 def common_levels(workers: Sequence[WorkerSlot]) -> frozenset[models.SandboxLevel]:
     """The task levels every one of `workers` can run."""
-    common = ALL_LEVELS
+    common = last = ALL_LEVELS  # (the usual case: workers that give every level)
     for worker in workers:
         runnable = worker.sandboxes.runnable
-        if runnable is not ALL_LEVELS:  # (the usual case: a worker that gives every level)
-            common = common & runnable
+        if runnable is not last:  # (identical sets are one object: see _RUNNABLE)
+            common, last = common & runnable, runnable
     return common
 
 
