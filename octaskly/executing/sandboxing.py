@@ -193,7 +193,7 @@ def env_script(env: Mapping[str, str]) -> bytes:
         f"export {name}={_quote(value)}\n" for name, value in env.items() if name not in _RUN_IDS
     ]
     lines.append(f"{READY_VAR}=1\n")
-    return "".join(lines).encode("utf-8", "surrogateescape")
+    return "".join(lines).encode()  # (the API refuses lone surrogates)
 
 
 def shell_prologue() -> str:
