@@ -589,6 +589,9 @@ async def ready(request: web.Request) -> web.Response:
     if dispatcher.ha.switching:
         message = "switching over to the standby"
         return _json({"ready": False, "role": role, "term": term, "message": message}, 503)
+    fenced = dispatcher.ha.fencer.check()
+    if fenced is not None:
+        return _json({"ready": False, "role": role, "term": term, "message": fenced}, 503)
     return _json({"ready": True, "role": role, "term": term})
 
 

@@ -159,6 +159,10 @@ class State(_Message):
     standby_synced: bool | None = None
     """Whether a standby holds every acknowledged write (None: no standby configured)."""
     dispatchers: list[Annotated[str, _ADDR]] = pydantic.Field(default_factory=list, max_length=16)
+    seq: int = pydantic.Field(default=0, ge=0, le=_INT64)
+    """The number of this State (a worker confirms each with a StateAck; 0: none asked)."""
+    population: int = pydantic.Field(default=0, ge=0, le=1_000_000)
+    """How many workers this primary counts as its witnesses (see domain.fencing)."""
 
 
 class Witness(_Message):
@@ -172,11 +176,20 @@ class Witness(_Message):
     """Seconds since the worker last heard from the primary."""
     primary_lsn: int = pydantic.Field(default=0, ge=0, le=_INT64)
     standby_synced: bool | None = None
+    population: int = pydantic.Field(default=0, ge=0, le=1_000_000)
+    """How many witnesses the primary counted in the last State this worker had from it."""
 
 
 class Reject(_Message):
     type: Literal["reject"] = "reject"
     reason: str = pydantic.Field(max_length=1000)
+
+
+class StateAck(_Message):
+    """A worker received the primary's State `seq` (the primary's proof it is heard)."""
+
+    type: Literal["state_ack"] = "state_ack"
+    seq: int = pydantic.Field(ge=1, le=_INT64)
 
 
 class Heartbeat(_Message):
@@ -301,6 +314,8 @@ class Changes(_Message):
     changes: list[dict[str, Any]] = pydantic.Field(max_length=100000)
     lsn: int = pydantic.Field(ge=0)
     synced: bool
+    sent: float = pydantic.Field(default=0.0, ge=0, allow_inf_nan=False)
+    """The primary's monotonic clock when it sent this (echoed in the standby's ack)."""
 
 
 class ReplicaState(_Message):
@@ -309,11 +324,16 @@ class ReplicaState(_Message):
     lsn: int = pydantic.Field(ge=0)
     synced: bool
     at: float
+    sent: float = pydantic.Field(default=0.0, ge=0, allow_inf_nan=False)
+    """The primary's monotonic clock when it sent this (echoed in the standby's ack)."""
 
 
 class ReplicaAck(_Message):
     type: Literal["replica_ack"] = "replica_ack"
     lsn: int = pydantic.Field(ge=0, le=_INT64)
+    sent: float = pydantic.Field(default=0.0, ge=0, allow_inf_nan=False)
+    """`sent` of the newest frame of the primary this standby received (its proof it hears
+    the primary; 0: an older standby)."""
 
 
 class Switchover(_Message):
@@ -332,6 +352,7 @@ class SwitchoverDone(_Message):
 WorkerMessage = Annotated[
     Hello
     | Heartbeat
+    | StateAck
     | Output
     | Result
     | Drain

@@ -208,10 +208,14 @@ class Dispatcher:
             self._tokens_reload = asyncio.get_running_loop().create_task(self.tokens.load())
 
     async def replicated(self) -> None:
-        """With sync replication, wait until the standby has every write made so far."""
+        """Return once every write made so far may be acknowledged: with sync replication
+        the standby has it; without the standby, a majority of witnesses know it lacks it.
+        FencedError (503) when this primary may have been replaced (services.fencer)."""
         source = self.ha.source
+        lsn = self.ha.store.position.lsn if self.ha.enabled else 0
         if source is not None and source.sync:
-            await source.wait(self.store.position.lsn)  # type: ignore[attr-defined]
+            await source.wait(lsn)
+        await self.ha.fencer.acknowledge(lsn)
 
     async def _watch_keys_forever(self) -> None:
         """A rotated key file (a Kubernetes Secret is updated in place) takes effect
@@ -558,7 +562,10 @@ class Dispatcher:
                 self.wake()
 
     async def schedule_once(self) -> int:
-        """One scheduling round; returns the number of tasks assigned."""
+        """One scheduling round; returns the number of tasks assigned (none while fenced:
+        the fence's lifting wakes the scheduler)."""
+        if self.ha.fencer.check() is not None:
+            return 0
         now = self.clock()
         self._arm_due_timer(self.queue.release_due(now))
         await self._refill(now)
@@ -1083,6 +1090,9 @@ class Dispatcher:
         }
         if degraded:
             out["degraded_reason"] = degraded
+        fenced = self.ha.fencer.describe()
+        if fenced is not None:
+            out["fenced"] = fenced
         return out
 
     def ha_summary(self) -> dict[str, Any]:

@@ -34,8 +34,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from octaskly import errors, files
+from octaskly.domain import fencing
 from octaskly.protocol import auth, messages
-from octaskly.services import replication
+from octaskly.services import fencer, replication
 from octaskly.store import backup, sqlite
 from octaskly.transport import base as transport
 from octaskly.transport import p2p
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PEERS_FILE = "ha-peer.json"
-WITNESS_FRESH = 3.0
+WITNESS_FRESH = fencing.WITNESS_FRESH
 """A witness report older than this (seconds) no longer counts."""
 MONITOR_INTERVAL = 0.25
 
@@ -96,6 +97,9 @@ class HA:
         self.applied: collections.deque[Any] = collections.deque()
         """Changes applied as a standby (bounded): the buffer's start after a promotion."""
         self.applied_bytes = 0
+        self.fencer = fencer.Fencer(self)
+        self.has_peer = self.load_peer() is not None
+        """A standby is (or was) known: the primary may be replaced, so it fences."""
 
     # -- facts -----------------------------------------------------------------------------
     @property
@@ -247,6 +251,7 @@ class HA:
         return peer if isinstance(peer, str) and ":" in peer else None
 
     def remember_peer(self, address: str) -> None:
+        self.has_peer = True
         if self.options.state_dir is None or self.load_peer() == address:
             return
         path = self.options.state_dir / PEERS_FILE
@@ -303,6 +308,21 @@ class HA:
         if report.term > self.term:
             self.observe_term(report.term, report.primary)
 
+    def witnesses_lost(self) -> tuple[int, int]:
+        """(fresh witnesses that lost the primary, the population they are counted in).
+
+        A witness lost the primary when it has not heard it for `failover_timeout` but did
+        within the fencing membership window (so the primary counts it); the population is
+        the largest the primary announced to a fresh witness, or the fresh ones if more.
+        The primary fences before such a majority can form (domain.fencing).
+        """
+        now = time.monotonic()
+        fresh = [w.report for w in self.witnesses.values() if now - w.received <= WITNESS_FRESH]
+        timing = self.fencer.timing
+        lost = sum(1 for r in fresh if timing.failover_timeout <= r.silent_for <= timing.membership)
+        population = max([len(fresh), *(r.population for r in fresh)])
+        return lost, population
+
     def witness_view(self) -> tuple[int, int, int]:
         """(fresh witnesses, how many still reach the primary, how many say we are stale)"""
         now = time.monotonic()
@@ -355,10 +375,12 @@ class HA:
                 "no worker witnesses whether the primary is down (a cut link alone looks the "
                 "same); promote by hand with `octaskly ha promote` if it is"
             )
-        if reach * 2 >= fresh:
+        lost, population = self.witnesses_lost()
+        if lost * 2 <= population:
             return (
-                f"{reach} of {fresh} witnessing workers still reach the primary: only the "
-                "link to it is cut"
+                f"only {lost} of the primary's {population} witnesses lost it for "
+                f"{timeout:g}s (more than half must; {reach} still reach it): the primary "
+                "may still be serving"
             )
         if self.stale_reason():
             return self.stale_reason()
@@ -582,6 +604,10 @@ class HA:
             self.d.reload_tokens_soon()
 
     # -- status ----------------------------------------------------------------------------
+    def event(self, what: str, reason: str, **details: Any) -> None:
+        """Record a role event (kept for `ha status`)."""
+        self._event(what, reason, **details)
+
     def _event(self, what: str, reason: str, **details: Any) -> None:
         self.events.append({"at": time.time(), "event": what, "reason": reason, **details})
         del self.events[:-20]
@@ -590,6 +616,9 @@ class HA:
         if not self.enabled:
             return None
         if self.role == "primary":
+            fenced = self.fencer.check()
+            if fenced is not None:
+                return fenced
             source = self.source
             if source is not None and source.had_standby and not source.synced:
                 return source.degraded or "the standby is not in sync"
@@ -618,6 +647,7 @@ class HA:
             "db_id": position.db_id,
             "primary": self.primary_address,
             "switching": self.switching,
+            "fenced": self.fencer.status(),
             "degraded": self.degraded(),
             "replication": replication_status,
             "failover": {

@@ -115,6 +115,12 @@ class Metrics:
             "1 while replication is impaired (no standby in sync, or the primary unreachable)",
             registry=r,
         )
+        self.fenced = Gauge(
+            "octaskly_ha_fenced",
+            "1 while this primary acknowledges no writes: it sees neither its standby nor a "
+            "majority of its witnesses",
+            registry=r,
+        )
 
     async def refresh(self, d: Dispatcher) -> None:
         """Bring the state gauges up to date (each scrape)."""
@@ -126,6 +132,7 @@ class Metrics:
         self.lag_seconds.set(float(summary.get("lag_seconds") or 0))
         self.lag_records.set(float(summary.get("lag_records") or 0))
         self.degraded.set(1 if summary.get("degraded") else 0)
+        self.fenced.set(1 if ha.role == "primary" and ha.fencer.check() is not None else 0)
         if ha.role != "primary":
             return  # a standby's database is the primary's; its queue is not served here
         counts = await d.store.count_by_status()

@@ -18,14 +18,13 @@ from typing import TYPE_CHECKING, Any
 from octaskly import errors
 from octaskly.domain import models, scheduling
 from octaskly.protocol import auth, messages
-from octaskly.services import auditing
+from octaskly.services import auditing, fencer
 from octaskly.transport import base as transport
 
 if TYPE_CHECKING:
     from octaskly.services.dispatcher import Dispatcher, Run
 
 log = logging.getLogger(__name__)
-STATE_INTERVAL = 1.0
 RESULT_RETRY_SECONDS = 2.0
 """How often a result the dispatcher could not save (disk full) is tried again."""
 
@@ -198,6 +197,7 @@ class Peers:
             self._handlers.add(task)
         try:
             nonce = auth.new_nonce()
+            challenged = time.monotonic()  # (a worker that answers it heard us after this)
             await conn.send(
                 messages.to_wire(
                     messages.Challenge(protocol=messages.PROTOCOL_VERSION, nonce=nonce)
@@ -218,7 +218,7 @@ class Peers:
             else:
                 if task is not None:
                     self._work_handlers.add(task)
-                session = await self._admit(conn, hello, nonce)
+                session = await self._admit(conn, hello, nonce, challenged)
                 if session is not None:
                     await self._serve(session)
         except (errors.ProtocolError, ConnectionError, TimeoutError, OSError) as exc:
@@ -319,7 +319,7 @@ class Peers:
             ha.witness_conns.discard(conn)
 
     async def _admit(
-        self, conn: transport.Connection, hello: messages.Hello, nonce: str
+        self, conn: transport.Connection, hello: messages.Hello, nonce: str, challenged: float
     ) -> Session | None:
         ha = self._d.ha
         if ha.role != "primary" or ha.switching:
@@ -368,7 +368,9 @@ class Peers:
         session = Session(hello.name, hello, conn, time.time(), now)
         abort = await self._reconcile(session)
         self.sessions[session.id] = session
+        self._d.ha.fencer.joined(session.id, heard_at=challenged)
         await conn.send(messages.to_wire(self._welcome(conn, hello, nonce, key, abort=abort)))
+        self.broadcast()  # (its first State, so it counts as a live witness at once)
         self._d.audit.record(
             "worker_joined",
             action="join",
@@ -438,26 +440,7 @@ class Peers:
                 if raw is None:
                     break
                 session.last_seen = time.monotonic()
-                message = messages.parse_worker_message(raw)
-                if isinstance(message, messages.Result):
-                    t = asyncio.create_task(self._on_result(session, message))
-                    pending.add(t)
-                    t.add_done_callback(pending.discard)
-                elif isinstance(message, messages.Output):
-                    if not self._d.on_output(
-                        session.id, message.task_id, message.attempt, message.stream, message.data
-                    ):
-                        session.send(
-                            messages.Cancel(task_id=message.task_id, attempt=message.attempt)
-                        )
-                elif isinstance(message, messages.Drain):
-                    if not session.draining:
-                        log.info("worker %s is draining: no new tasks for it", session.id)
-                    session.draining = True
-                elif isinstance(message, messages.Release):
-                    await self._release(session, message.runs)
-                elif isinstance(message, messages.Hello):
-                    raise errors.ProtocolError("hello sent twice")
+                await self._handle(session, messages.parse_worker_message(raw), pending)
         except errors.ProtocolError as exc:
             reason = f"protocol error: {exc}"
             log.warning("worker %s sent a bad frame, disconnecting: %s", session.id, exc)
@@ -471,6 +454,29 @@ class Peers:
             sender.cancel()
             await asyncio.gather(sender, return_exceptions=True)
             await self._leave(session, reason)
+
+    async def _handle(
+        self, session: Session, message: messages.WorkerMessage, pending: set[asyncio.Task[None]]
+    ) -> None:
+        if isinstance(message, messages.Result):
+            t = asyncio.create_task(self._on_result(session, message))
+            pending.add(t)
+            t.add_done_callback(pending.discard)
+        elif isinstance(message, messages.Output):
+            if not self._d.on_output(
+                session.id, message.task_id, message.attempt, message.stream, message.data
+            ):
+                session.send(messages.Cancel(task_id=message.task_id, attempt=message.attempt))
+        elif isinstance(message, messages.Drain):
+            if not session.draining:
+                log.info("worker %s is draining: no new tasks for it", session.id)
+            session.draining = True
+        elif isinstance(message, messages.Release):
+            await self._release(session, message.runs)
+        elif isinstance(message, messages.StateAck):
+            self._d.ha.fencer.confirmed(session.id, message.seq)
+        elif isinstance(message, messages.Hello):
+            raise errors.ProtocolError("hello sent twice")
 
     async def _release(self, session: Session, refs: list[messages.RunRef]) -> None:
         runs = [
@@ -504,8 +510,18 @@ class Peers:
                 if session.gone.is_set():
                     return
         # acknowledged (the worker forgets it) only once durable, with sync replication
-        # on the standby too: a failover right now loses no finished work
-        await self._d.replicated()
+        # on the standby too: a failover right now loses no finished work; a fenced
+        # primary acknowledges nothing (the worker keeps it for whoever is primary)
+        while True:
+            try:
+                await self._d.replicated()
+                break
+            except fencer.FencedError as exc:
+                log.warning("result of task %s not acknowledged: %s", result.task_id, exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(session.gone.wait(), RESULT_RETRY_SECONDS)
+                if session.gone.is_set():
+                    return
         session.send(messages.ResultAck(task_id=result.task_id, attempt=result.attempt))
 
     async def _send_forever(self, session: Session) -> None:
@@ -529,6 +545,7 @@ class Peers:
         if self.sessions.get(session.id) is not session:
             return  # replaced by a reconnect of the same worker; its runs moved over
         del self.sessions[session.id]
+        self._d.ha.fencer.left(session.id)
         log.info("worker %s left: %s", session.id, reason)
         self._d.audit.record(
             "worker_left",
@@ -564,15 +581,21 @@ class Peers:
                     session.conn.close()
 
     async def announce_forever(self) -> None:
-        """Once a second, tell every worker this primary's term and peers (its sign of
-        life, and how a worker learns of the standby it should witness for)."""
+        """Every state interval (a second at most), tell every worker this primary's term
+        and peers: its sign of life, how a worker learns of the standby it should witness
+        for, and, confirmed by each worker, what fencing counts (services.fencer)."""
+        self._d.ha.fencer.broadcast = self.broadcast
         while True:
-            await asyncio.sleep(STATE_INTERVAL)
-            if not self.sessions:
-                continue
-            state = self._d.ha.state_message()
-            for session in list(self.sessions.values()):
-                session.send(state)
+            await asyncio.sleep(self._d.ha.fencer.timing.state_interval)
+            self.broadcast()
+
+    def broadcast(self) -> None:
+        """Send every worker a new numbered State now."""
+        if not self.sessions:
+            return
+        state = self._d.ha.fencer.announce()
+        for session in list(self.sessions.values()):
+            session.send(state)
 
     async def close_all(self, redirect: messages.Redirect | None = None) -> None:
         """Close every connection; with `redirect` (stepping down), only the workers'

@@ -75,6 +75,9 @@ class Source:
         self.degraded: str | None = None
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self.had_standby = False
+        self.sent_lsn = ha.store.position.lsn if ha.enabled else 0
+        """The newest transaction a standby may hold: sent to one, or made before this
+        primary started (a standby of an earlier run may hold those)."""
 
     # -- capture ---------------------------------------------------------------------------
     async def start_capture(self) -> None:
@@ -215,6 +218,7 @@ class Source:
                 "standby %s (%s) gets a snapshot: its database is %s", hello.name, address, why
             )
             next_lsn = await self._send_snapshot(conn) + 1
+            self.sent_lsn = max(self.sent_lsn, next_lsn - 1)
         link = Link(hello.name, address or conn.peer, conn, next_lsn, acked=next_lsn - 1)
         self.link = link
         self.had_standby = True
@@ -269,12 +273,14 @@ class Source:
             batch = self.pending(link.next_lsn)
             if batch:
                 link.next_lsn = batch[-1].lsn + 1
+                self.sent_lsn = max(self.sent_lsn, batch[-1].lsn)
                 await link.conn.send(
                     messages.to_wire(
                         messages.Changes(
                             changes=[c.to_wire() for c in batch],
                             lsn=self.ha.store.position.lsn,
                             synced=self.synced,
+                            sent=time.monotonic(),
                         )
                     )
                 )
@@ -285,7 +291,9 @@ class Source:
 
     def state(self) -> messages.ReplicaState:
         p = self.ha.store.position
-        return messages.ReplicaState(term=p.term, lsn=p.lsn, synced=self.synced, at=time.time())
+        return messages.ReplicaState(
+            term=p.term, lsn=p.lsn, synced=self.synced, at=time.time(), sent=time.monotonic()
+        )
 
     async def _receive(self, link: Link) -> None:
         # the standby acknowledges at least every STATE_INTERVAL; silence means a cut link
@@ -301,6 +309,7 @@ class Source:
             message = messages.parse_worker_message(raw)
             if isinstance(message, messages.ReplicaAck):
                 self._on_ack(link, message.lsn)
+                self.ha.fencer.standby_confirmed(message.sent)
             elif isinstance(message, messages.SwitchoverDone):
                 self.ha.on_switchover_done(message.term)
             else:
@@ -370,6 +379,11 @@ class Follower:
         self.sync = False
         self.applied_at = 0.0
         self.state = "connecting"
+        self.last_sent = 0.0
+        """`sent` of the primary's newest frame received: echoed in every ack."""
+
+    def _ack(self) -> messages.ReplicaAck:
+        return messages.ReplicaAck(lsn=self.ha.store.position.lsn, sent=self.last_sent)
 
     async def run(self) -> None:
         delay = 0.2
@@ -453,6 +467,7 @@ class Follower:
 
     async def session(self, host: str, port: int) -> None:
         ha = self.ha
+        self.last_sent = 0.0  # (another primary's clock: never echo one to the next)
         conn = await p2p.dial(host, port, transport="tcp", timeout=ha.options.connect_timeout)
         try:
             reply = await self.handshake(conn)
@@ -539,14 +554,16 @@ class Follower:
                     for c in message.changes
                 ]
                 self.primary_lsn, self.synced = message.lsn, message.synced
+                self.last_sent = max(self.last_sent, message.sent)
                 await self._apply(batch)
-                await conn.send(messages.to_wire(messages.ReplicaAck(lsn=ha.store.position.lsn)))
+                await conn.send(messages.to_wire(self._ack()))
             elif isinstance(message, messages.ReplicaState):
                 self.primary_lsn, self.synced = message.lsn, message.synced
                 self.primary_at = message.at
+                self.last_sent = max(self.last_sent, message.sent)
                 ha.observe_term(message.term, self.address)
-                # our sign of life for the primary
-                await conn.send(messages.to_wire(messages.ReplicaAck(lsn=ha.store.position.lsn)))
+                # our sign of life for the primary, and proof we hear it
+                await conn.send(messages.to_wire(self._ack()))
             elif isinstance(message, messages.Switchover):
                 await ha.on_switchover(self, conn, message)
                 return

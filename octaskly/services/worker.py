@@ -178,6 +178,8 @@ class Worker:
         self._last_heard = 0.0
         self._primary_lsn = 0
         self._standby_synced: bool | None = None
+        self._population = 0
+        """How many witnesses the primary counted in its last State."""
         self._witnesses: dict[str, asyncio.Task[None]] = {}
         self._nudge = asyncio.Event()
         self._welcomed = False
@@ -438,7 +440,10 @@ class Worker:
                     raise ConnectionError(f"its term {message.term} is older than {self.term}")
                 self._see_term(message.term, self._current)
                 self._primary_lsn, self._standby_synced = message.lsn, message.standby_synced
+                self._population = message.population
                 self._learn(message.dispatchers)
+                if message.seq:  # the primary's proof that we hear it (it fences without)
+                    conn.send_nowait(messages.to_wire(messages.StateAck(seq=message.seq)))
             elif isinstance(message, messages.Redirect):
                 self._redirected(message)
             elif isinstance(message, messages.Assign):
@@ -703,6 +708,7 @@ class Worker:
                                 else 1e9,
                                 primary_lsn=self._primary_lsn,
                                 standby_synced=self._standby_synced,
+                                population=self._population,
                             )
                         )
                     )
