@@ -117,6 +117,70 @@ def limit_section(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+_ISOLATION_LABELS = {
+    "before-basic": "basic (process group only)",
+    "before-strict": "strict (bwrap --ro-bind / /)",
+    "basic-process-group": "basic, containment process-group",
+    "basic-auto": "basic, containment auto",
+    "basic-pid-namespace": "basic, containment pid-namespace",
+    "basic-auto-nobody": "basic, containment auto, task_user nobody",
+    "strict": "strict (bwrap allow-list)",
+}
+
+
+def _isolation_row(v: dict[str, Any]) -> str:
+    if "unavailable" in v:
+        why = v["unavailable"]
+        return why if why.startswith("not available") else f"not available: {why}"
+    rates = v["per_second_all"]
+    spread = f"({_n(min(rates))}-{_n(max(rates))})" if len(rates) > 1 else ""
+    cpu = (
+        f"{v['parent_cpu_ms_per_task']:6.2f} {v['children_cpu_ms_per_task']:8.2f} "
+        f"{v['cpu_ms_per_task']:6.2f}"
+    )
+    vs = ""
+    if "rate_vs_before" in v:
+        vs = (
+            f"{v['rate_vs_before']:.2f}x / {v['cpu_vs_before']:.2f}x "
+            f"({v['cpu_ms_more_than_before']:+.2f} ms)"
+        )
+    return f"{_n(v['per_second']):>7} {spread:<13} {cpu}   {vs}".rstrip()
+
+
+def isolation_section(r: dict[str, Any]) -> list[str]:
+    v = r["variants"]
+    base = r["base_commit"]
+    lines = [
+        "",
+        f"== 1b. Isolation (issue 18): tasks/s and CPU ms per task of `true` through "
+        f"octaskly.executing as a worker runs it "
+        f"(rlimits, workdir pool, 5 env variables, pidfd watcher), no dispatcher, concurrency "
+        f"{r['concurrency']}; {r['tasks_per_run']:,} tasks per run (strict "
+        f"{r['strict_tasks_per_run']:,}), a fresh interpreter per run, median of "
+        f"{r['repeats']} alternating run(s)",
+    ]
+    labels = {}
+    for key, label in _ISOLATION_LABELS.items():
+        auto = v[key].get("containment_asked") == "auto" and v[key].get("level") == "basic"
+        chosen = v[key].get("containment") if auto else None
+        tree = f"before ({base})" if key.startswith("before-") else "after"
+        labels[key] = f"{tree}: {label}" + (f" ({chosen})" if chosen else "")
+    width = max(map(len, labels.values()))
+    lines.append(
+        f"  {'':<{width}} {'tasks/s':>7} {'(range)':<13} {'parent':>6} {'children':>8} "
+        f"{'sum':>6}   vs before: rate / CPU"
+    )
+    lines += [f"  {labels[k]:<{width}} {_isolation_row(v[k])}" for k in labels]
+    if r["base"] != "measured":
+        lines.append(f"  before: {r['base']}")
+    lines.append(
+        "  (parent = the measuring process: asyncio, octaskly, cgroup writes; children = every "
+        "process of the runs, reaped: shells, unshare, bwrap; vs before = this variant over "
+        "before at the same level)"
+    )
+    return lines
+
+
 def _cluster_rows(s: dict[str, Any], limit: float | None) -> dict[str, str]:
     db = s["db_bytes"]
     per10k = 10_000 / s["tasks"]
@@ -431,6 +495,8 @@ def render(results: dict[str, Any]) -> str:
     lines = header(results)
     if isinstance(results.get("limit"), dict):
         lines += limit_section(results["limit"])
+    if isinstance(results.get("isolation"), dict):
+        lines += isolation_section(results["isolation"])
     lines += cluster_section(results, results["config"]["tasks"])
     if isinstance(results.get("ha"), dict):
         lines += ha_section(results, results["config"]["tasks"])

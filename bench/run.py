@@ -1,6 +1,8 @@
 """`make bench` / `python -m bench.run`: measure octaskly against issue 3's targets.
 
-Scenarios (in this order): `limit` (asyncio spawn rate, no octaskly), `batch` and
+Scenarios (in this order): `limit` (asyncio spawn rate, no octaskly), `isolation` (what
+issue 18's isolation costs per task: `true` through octaskly.executing, no dispatcher,
+before (commit b045d78, a temporary git worktree) and after in the same run), `batch` and
 `single` (a real dispatcher + 2 workers on TLS over TCP, N `true` tasks through the REST
 API), `quic` (batch again with the workers on QUIC), `ha` (batch again on a primary
 replicating to a standby, async then sync, sampling the replication lag), `federation`
@@ -26,9 +28,31 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from bench import cluster, federation, ha, limit, procs, report, scale, startup, targets, throughput
+from bench import (
+    cluster,
+    federation,
+    ha,
+    isolation,
+    limit,
+    procs,
+    report,
+    scale,
+    startup,
+    targets,
+    throughput,
+)
 
-SCENARIOS = ("limit", "batch", "quic", "single", "ha", "federation", "startup", "scale")
+SCENARIOS = (
+    "limit",
+    "isolation",
+    "batch",
+    "quic",
+    "single",
+    "ha",
+    "federation",
+    "startup",
+    "scale",
+)
 DEPTHS = "1000,10000,100000,1000000"
 QUICK_DEPTHS = "1000,10000,100000"
 SIM_WORKERS = 200
@@ -72,7 +96,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="skip the 1M depth, 2,000 spawns for the limit, 10,000-task scale windows",
+        help="skip the 1M depth, 2,000 spawns for the limit, 10,000-task scale windows, "
+        "1,000 isolation tasks in one run",
     )
     p.add_argument("--spawns", type=int, default=None, help="spawns per limit run (default 5000)")
     p.add_argument(
@@ -93,17 +118,40 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="tasks per federation configuration (default --tasks; --quick: a quarter of it)",
     )
+    p.add_argument(
+        "--isolation-tasks",
+        type=int,
+        default=None,
+        help="`true` tasks per isolation variant, over its repetitions (default 3000; "
+        "--quick: 1000; strict variants a quarter)",
+    )
+    p.add_argument(
+        "--isolation-repeats",
+        type=int,
+        default=None,
+        help="alternating runs of every isolation variant, medians reported (default 3; "
+        "--quick: 1)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, databases)")
     args = p.parse_args(argv)
-    fed_tasks = 1 if args.federation_tasks is None else args.federation_tasks
-    if args.tasks < 1 or args.sim_procs < 1 or fed_tasks < 1:
-        p.error("--tasks, --federation-tasks and --sim-procs must be positive")
+    given = {
+        "--tasks": args.tasks,
+        "--federation-tasks": args.federation_tasks,
+        "--sim-procs": args.sim_procs,
+        "--isolation-tasks": args.isolation_tasks,
+        "--isolation-repeats": args.isolation_repeats,
+    }
+    bad = [name for name, value in given.items() if value is not None and value < 1]
+    if bad:
+        p.error(f"{', '.join(bad)} must be positive")
     args.scale_depths = args.scale_depths or _ints(QUICK_DEPTHS if args.quick else DEPTHS)
     args.spawns = args.spawns or (2000 if args.quick else 5000)
     args.scale_window = args.scale_window or (10_000 if args.quick else 20_000)
     args.federation_tasks = args.federation_tasks or (
         max(1, args.tasks // 4) if args.quick else args.tasks
     )
+    args.isolation_repeats = args.isolation_repeats or (1 if args.quick else 3)
+    args.isolation_tasks = args.isolation_tasks or (1000 if args.quick else 3000)
     return args
 
 
@@ -113,6 +161,9 @@ def _runners(
     concurrency = throughput.WORKERS * throughput.MAX_JOBS
     return {
         "limit": lambda: limit.measure(args.spawns, concurrency),
+        "isolation": lambda: isolation.measure(
+            args.isolation_tasks, concurrency, args.isolation_repeats
+        ),
         "batch": lambda: throughput.run("batch", args.tasks, processes, root, secret),
         "quic": lambda: throughput.run(
             "batch", args.tasks, processes, root, secret, transport="quic"

@@ -92,6 +92,13 @@ def _federation_share(results: dict[str, Any], config: str) -> float | None:
     return None if not sqlite or other is None else 100 * other / sqlite
 
 
+def _isolation_cost(results: dict[str, Any], variant: str) -> float | None:
+    """CPU per task (measuring process + its children) of an isolation variant over that of
+    the same level before issue 18's isolation, same run."""
+    ratio = _get(results, "isolation", "variants", variant, "cpu_vs_before")
+    return None if ratio is None else float(ratio)
+
+
 def _min_rate(results: dict[str, Any]) -> float | None:
     rates = [r["assignments_per_second"] for r in _scale_rows(results)]
     return min(rates) if rates else None
@@ -130,6 +137,10 @@ TABLE: tuple[tuple[str, str, Getter, float | None, bool, str], ...] = (
      True, "%"),
     ("PG 3 dispatchers / SQLite", "federation", lambda r: _federation_share(r, "pg-3"), None,
      True, "%"),
+    ("isolation CPU basic / before", "isolation, containment auto",
+     lambda r: _isolation_cost(r, "basic-auto"), None, False, "x"),
+    ("isolation CPU strict / before", "isolation", lambda r: _isolation_cost(r, "strict"), None,
+     False, "x"),
     ("queue→start p50", PROBE, lambda r: _get(r, "batch", "probe", "queue_to_start", "p50_ms"),
      5, False, "ms"),
     ("queue→start p99", PROBE, lambda r: _get(r, "batch", "probe", "queue_to_start", "p99_ms"),

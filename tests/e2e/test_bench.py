@@ -62,11 +62,63 @@ def test_bad_arguments_are_refused_with_status_2(tmp_path: Path) -> None:
         ["--scenarios", "nope"],
         ["--scale-depths", "1,x"],
         ["--federation-tasks", "0"],
+        ["--isolation-tasks", "0"],
+        ["--isolation-repeats", "-1"],
     ):
         done = bench(tmp_path, *args)
         assert done.returncode == 2, args
         assert "error:" in done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def _has_commit(commit: str) -> bool:
+    found = subprocess.run(
+        ["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=REPO, capture_output=True
+    )
+    return found.returncode == 0
+
+
+def test_isolation_measures_the_base_commit_and_this_tree_in_one_run(tmp_path: Path) -> None:
+    done = bench(
+        tmp_path,
+        *("--scenarios", "isolation", "--isolation-tasks", "160", "--isolation-repeats", "2"),
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    (written,) = tmp_path.glob("*.json")
+    results = json.loads(written.read_text())
+    assert results["errors"] == {}
+    isolation = results["isolation"]
+    variants = isolation["variants"]
+    assert isolation["tasks_per_run"] == 80 and isolation["strict_tasks_per_run"] == 20
+    assert "== 1b. Isolation (issue 18)" in done.stdout
+    if _has_commit(isolation["base_commit"]):
+        assert isolation["base"] == "measured"
+        for key in ("before-basic", "before-strict"):
+            # the old tree's own code ran (a worktree), not this one's
+            assert variants[key]["octaskly"] != str(REPO / "octaskly"), variants[key]
+            assert len(variants[key]["per_second_all"]) == 2
+        assert variants["basic-process-group"]["rate_vs_before"] > 0
+        assert variants["basic-auto"]["cpu_vs_before"] > 0
+        # the temporary worktree is gone, and git no longer lists it
+        tree = Path(variants["before-basic"]["octaskly"]).parent
+        assert not tree.exists()
+        listed = subprocess.run(
+            ["git", "worktree", "list", "--porcelain"], cwd=REPO, capture_output=True, text=True
+        )
+        assert str(tree) not in listed.stdout
+    else:  # a tarball or shallow checkout: "after" is still measured
+        assert isolation["base"] == "not available (no git history)"
+        assert "before: not available (no git history)" in done.stdout
+    for key in ("basic-process-group", "basic-auto", "strict"):
+        assert variants[key]["octaskly"] == str(REPO / "octaskly"), variants[key]
+        assert variants[key]["per_second"] > 0
+        assert variants[key]["parent_cpu_ms_per_task"] > 0
+        assert variants[key]["children_cpu_ms_per_task"] > 0
+    assert variants["basic-process-group"]["containment"] == "process-group"
+    for key in ("basic-pid-namespace", "basic-auto-nobody"):  # measured, or why not
+        assert variants[key].get("per_second", 0) > 0 or variants[key]["unavailable"], variants[key]
+    verdicts = {t["name"]: t["verdict"] for t in results["targets"]}
+    assert verdicts["isolation CPU basic / before"] in ("info", "n/a")
 
 
 def test_federation_compares_sqlite_with_1_2_3_dispatchers_on_postgresql(tmp_path: Path) -> None:
