@@ -113,8 +113,8 @@ class RunGroup:
         log.warning("processes of %s kept forking through %d kill rounds", self.path, _KILL_ROUNDS)
 
     async def remove(self) -> None:
-        """Kill what is left and remove the group once its processes are gone."""
-        self.kill()
+        """Remove the group once its processes are gone (the run killed them already;
+        what is still there, or forked meanwhile, is killed again)."""
         deadline = time.monotonic() + _EMPTY_SECONDS
         delay = 0.001
         while True:
@@ -127,9 +127,9 @@ class RunGroup:
                 if time.monotonic() > deadline:
                     log.warning("could not remove %s: processes still in it", self.path)
                     return
+            self.kill()
             await asyncio.sleep(delay)  # killed processes take a moment to exit
             delay = min(delay * 2, 0.1)
-            self.kill()
 
     def _freeze(self, frozen: bool) -> bool:
         if self._version == 2:

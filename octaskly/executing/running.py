@@ -290,8 +290,8 @@ class Execution:
         feed = _Feed(env_out)
         started = time.monotonic()
         try:
-            if launch.user is not None:
-                os.fchown(env_in, launch.user, launch.group or 0)  # (its shell reopens it)
+            if launch.owner is not None:
+                os.fchown(env_in, *launch.owner)  # (its shell reopens it)
             transport, _ = await loop.subprocess_exec(
                 lambda: protocol,
                 *argv,
@@ -316,7 +316,9 @@ class Execution:
             try:
                 if group is not None:
                     try:
-                        group.add(pgid)  # (its shell waits for its environment: no children)
+                        # (its shell waits for its environment: no children yet; the write
+                        # can take milliseconds, so off the loop)
+                        await asyncio.to_thread(group.add, pgid)
                     except OSError as exc:
                         # It reads no complete environment: it exits 126 having run nothing.
                         log.warning(
