@@ -344,12 +344,16 @@ def _probe_unshare(task_user: tuple[int, int] | None) -> tuple[str, ...]:
     if unshare is None:
         raise Unavailable("util-linux unshare is not installed")
     argv: list[str] = [unshare]
-    as_root = os.geteuid() == 0 and (task_user is None or task_user[0] == 0)
+    # A root worker starts unshare as root (it switches to task_user with setpriv inside);
+    # otherwise unshare runs as the task's user and needs a user namespace for the rest.
+    setpriv = shutil.which("setpriv", path="/usr/bin:/bin:/usr/sbin:/sbin")
+    switching = task_user is not None and task_user[0] != 0
+    as_root = os.geteuid() == 0 and (not switching or setpriv is not None)
     if not as_root:
         argv += ["--user", "--map-current-user"]
     argv += ["--pid", "--fork", "--kill-child", "--mount-proc"]
     switch: dict[str, Any] = {}
-    if os.geteuid() == 0 and task_user is not None and task_user[0] != 0:
+    if os.geteuid() == 0 and not as_root and task_user is not None:
         switch = {"user": task_user[0], "group": task_user[1], "extra_groups": []}
     try:
         done = subprocess.run(

@@ -107,8 +107,8 @@ class Cluster:
             proc = start(args, cwd=self.tmp, log=log)
         else:  # `ip netns exec` execs the worker: the pid is the worker's
             with open(log, "wb") as out:
-                proc = subprocess.Popen(
-                    ["ip", "netns", "exec", netns, *OCTASKLY, *args],
+                proc = subprocess.Popen(  # (root's tasks, as procs.start gives: see there)
+                    ["ip", "netns", "exec", netns, *OCTASKLY, *args, "--task-user", "root"],
                     cwd=self.tmp,
                     env=clean_env(),
                     stdout=out,
