@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -39,3 +43,16 @@ def pg_url(pg_cluster: pg.Cluster) -> Iterator[str]:
         yield url
     finally:
         pg_cluster.drop_database(url)
+
+
+@pytest.fixture
+def reachable_tmp() -> Iterator[Path]:
+    """A fresh directory under /tmp that every user may pass through (0711) but not list:
+    where a sandboxed task's user (or a worker run as nobody) must reach its workdirs —
+    pytest's tmp_path lies in root's 0700 tree. Removed afterwards."""
+    base = Path(tempfile.mkdtemp(prefix="octaskly-test-", dir="/tmp"))
+    os.chmod(base, 0o711)
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

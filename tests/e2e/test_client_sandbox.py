@@ -11,10 +11,7 @@ as root), so its start-up probe — a real bwrap run — fails there.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +29,9 @@ PROCESSES = "ls /proc | grep -cE '^[0-9]+$'"
 
 
 @pytest.fixture
-def reachable() -> Iterator[Path]:
+def reachable(reachable_tmp: Path) -> Path:
     """A work dir the sandbox user can reach."""
-    base = Path(tempfile.mkdtemp(prefix="octaskly-e2e-client-", dir="/tmp"))
-    os.chmod(base, 0o711)
-    try:
-        yield base / "work"
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    return reachable_tmp / "work"
 
 
 def worker(name: str, addrs: str, work_dir: Path) -> list[str]:

@@ -12,10 +12,7 @@ it), where the same commands as an admin `none` task read every one of them — 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,14 +26,9 @@ NEIGHBOUR = "neighbour-task-secret-42"
 
 
 @pytest.fixture
-def place() -> Iterator[Path]:
+def place(reachable_tmp: Path) -> Path:
     """A directory every user may pass through (pytest's tmp_path is root's 0700 tree)."""
-    base = Path(tempfile.mkdtemp(prefix="octaskly-e2e-isolation-", dir="/tmp"))
-    os.chmod(base, 0o711)
-    try:
-        yield base
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    return reachable_tmp
 
 
 def start_cluster(

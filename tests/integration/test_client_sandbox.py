@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,14 +28,9 @@ PROCESSES = "ls /proc | grep -cE '^[0-9]+$'"
 
 
 @pytest.fixture
-def reachable() -> Iterator[Path]:
+def reachable(reachable_tmp: Path) -> Path:
     """A workdir root the sandbox user can reach (pytest's tmp_path is 0700 all the way)."""
-    base = Path(tempfile.mkdtemp(prefix="octaskly-client-test-", dir="/tmp"))
-    os.chmod(base, 0o711)
-    try:
-        yield base / "work"
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    return reachable_tmp / "work"
 
 
 @pytest.fixture

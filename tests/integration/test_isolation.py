@@ -107,18 +107,13 @@ def shared() -> Iterator[Path]:
 
 
 @pytest.fixture
-def place() -> Iterator[Path]:
-    """A workdir root the sandbox user reaches, a world-writable marks dir, a key file."""
-    base = Path(tempfile.mkdtemp(prefix="octaskly-isolation-run-", dir="/tmp"))
-    os.chmod(base, 0o711)
-    (base / "marks").mkdir(mode=0o777)
-    os.chmod(base / "marks", 0o777)
-    (base / "work").mkdir()
-    os.chmod(base / "work", 0o711)
-    try:
-        yield base
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+def place(reachable_tmp: Path) -> Path:
+    """A workdir root the sandbox user reaches, a world-writable marks dir."""
+    (reachable_tmp / "marks").mkdir(mode=0o777)
+    os.chmod(reachable_tmp / "marks", 0o777)
+    (reachable_tmp / "work").mkdir()
+    os.chmod(reachable_tmp / "work", 0o711)
+    return reachable_tmp
 
 
 @contextlib.asynccontextmanager
