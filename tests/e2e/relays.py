@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import threading
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Any
+
+import psutil
 
 
 class Relay:
@@ -165,39 +168,149 @@ def running(relay: Relay) -> Iterator[Relay]:
         relay.stop()
 
 
+DIRECTIONS = ("to_dispatcher", "to_worker")
+"""The ways bytes cross a relay: towards its target (the dispatcher behind it), and back
+towards whoever connected to it."""
+
+
+@dataclasses.dataclass(eq=False)
+class _Link:
+    """One connection through a PartitionRelay (its client side, then its target side)."""
+
+    client_port: int
+    writers: list[asyncio.StreamWriter]
+    cut: bool = False
+    """The current cut applies to it."""
+    hit: bool = False
+    """A cut applied to it since the last heal (heal closes it)."""
+
+
 class PartitionRelay(TCPRelay):
-    """A TCP relay that can be cut like a network link: while cut, bytes vanish in both
-    directions and connections hang (no FIN, no RST), as with a pulled cable."""
+    """A TCP relay that can be cut like a network link: while cut, bytes vanish and
+    connections hang (no FIN, no RST), as with a pulled cable. A cut can go one way only
+    (`direction`: "to_dispatcher", towards the relay's target, or "to_worker", back to the
+    peer that connected; "both" by default), and can spare every connection but those of
+    some client processes (`clients`: their pids)."""
 
     def __init__(self, target_port: int) -> None:
         super().__init__(target_port)
-        self.is_cut = False
+        self.dropped = dict.fromkeys(DIRECTIONS, 0)
+        """Bytes that vanished, by direction."""
+        self.links_cut = 0
+        """Connections a cut applied to (open at the cut, or opened during it)."""
+        self._ways: frozenset[str] = frozenset()
+        self._clients: frozenset[int] | None = None
+        self._links: set[_Link] = set()
 
-    def cut(self) -> None:
-        with self._lock:
-            self.is_cut = True
+    @property
+    def is_cut(self) -> bool:
+        return bool(self._ways)
+
+    def cut(self, direction: str = "both", *, clients: Collection[int] | None = None) -> None:
+        """From now on bytes going `direction` vanish (on the connections of the processes
+        `clients` only, when given), and so does a close going that way."""
+        ways = frozenset(DIRECTIONS) if direction == "both" else frozenset({direction})
+        if not ways <= frozenset(DIRECTIONS):
+            raise ValueError(f"direction must be one of {DIRECTIONS} or 'both': {direction!r}")
+        pids = None if clients is None else frozenset(clients)
+        asyncio.run_coroutine_threadsafe(self._cut(ways, pids), self._loop).result(10)
+
+    def upstream_ports(self) -> set[int]:
+        """The local ports of this relay's open connections to its target (what the
+        target sees as their peers' ports)."""
+
+        async def ports() -> set[int]:
+            ups = [link.writers[1] for link in self._links if len(link.writers) > 1]
+            return {w.get_extra_info("sockname")[1] for w in ups if not w.is_closing()}
+
+        return asyncio.run_coroutine_threadsafe(ports(), self._loop).result(10)
 
     def heal(self) -> None:
         """Forward again; connections that lost bytes while cut are closed (as TCP would
         after its retransmissions failed), so both ends reconnect."""
         asyncio.run_coroutine_threadsafe(self._heal(), self._loop).result(10)
 
-    async def _heal(self) -> None:
-        with self._lock:
-            self.is_cut = False
-        for w in list(self._conns):
-            w.close()
-        self._conns.clear()
+    async def _cut(self, ways: frozenset[str], clients: frozenset[int] | None) -> None:
+        ports = await self._ports_of(clients)
+        self._ways, self._clients = ways, clients
+        for link in self._links:
+            self._apply(link, ports)
 
-    def _tamper(self, data: bytes, direction: str) -> bytes:
-        with self._lock:
-            return b"" if self.is_cut else data
+    async def _heal(self) -> None:
+        self._ways, self._clients = frozenset(), None
+        for link in [link for link in self._links if link.hit]:
+            self._links.discard(link)
+            for w in link.writers:
+                w.close()
+        for link in self._links:
+            link.cut = False
+
+    def _apply(self, link: _Link, ports: set[int] | None) -> None:
+        link.cut = ports is None or link.client_port in ports
+        if link.cut:
+            link.hit = True
+            self.links_cut += 1
+
+    async def _ports_of(self, clients: frozenset[int] | None) -> set[int] | None:
+        """The local ports of the connections `clients` have to this relay (None: all)."""
+        if clients is None:
+            return None
+        return await asyncio.to_thread(_client_ports, self.port, clients)
+
+    def _blocked(self, link: _Link, direction: str) -> bool:
+        return link.cut and direction in self._ways
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.is_cut:  # a new connection into the void: accepted, then nothing
-            self._conns.add(writer)
-            with contextlib.suppress(ConnectionError, OSError):
-                while await reader.read(65536):
-                    pass
-            return
-        await super()._serve(reader, writer)
+        link = _Link(writer.get_extra_info("peername")[1], [writer])
+        self._links.add(link)
+        self._conns.add(writer)
+        try:
+            if self._ways:
+                self._apply(link, await self._ports_of(self._clients))
+            if self._blocked(link, "to_dispatcher"):
+                # a new connection into the void: accepted, then nothing reaches the target
+                with contextlib.suppress(ConnectionError, OSError):
+                    while data := await reader.read(65536):
+                        self.dropped["to_dispatcher"] += len(data)
+                return
+            try:
+                up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+            except OSError:
+                writer.close()
+                return
+            link.writers.append(up_w)
+            self._conns.add(up_w)
+            await asyncio.gather(
+                self._pump(link, reader, up_w, "to_dispatcher"),
+                self._pump(link, up_r, writer, "to_worker"),
+            )
+        finally:
+            self._links.discard(link)
+
+    async def _pump(
+        self,
+        link: _Link,
+        r: asyncio.StreamReader,
+        w: asyncio.StreamWriter,
+        direction: str,
+    ) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            while data := await r.read(65536):
+                if self._blocked(link, direction):
+                    self.dropped[direction] += len(data)
+                    continue
+                w.write(data)
+                await w.drain()
+        if not self._blocked(link, direction):  # a close crosses only a working link
+            w.close()
+
+
+def _client_ports(relay_port: int, pids: Collection[int]) -> set[int]:
+    """The local ports of the TCP connections processes `pids` have to `relay_port`."""
+    ports = set()
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            for conn in psutil.Process(pid).net_connections(kind="tcp"):
+                if conn.raddr and conn.raddr.port == relay_port:
+                    ports.add(conn.laddr.port)
+    return ports
