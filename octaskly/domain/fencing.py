@@ -16,15 +16,16 @@ With ``F`` = ``failover_timeout``:
   heard the primary for ``F`` seconds — having heard it within :attr:`Timing.membership`
   (so they were among those the primary counts).
 - The primary acknowledges a write only while its standby is confirmed (it confirmed a
-  frame sent at or after ``now - fence_after``; in sync mode, and in sync) or while more
-  than half of its witnesses are live — of its current ones and of every set it announced
-  within :attr:`Timing.membership`. Two such majorities share a worker, which cannot have
+  frame sent at or after ``now - fence_after``; in sync mode, and in sync) or while at
+  least half of its witnesses are live — of its current ones and of every set it announced
+  within :attr:`Timing.membership`. That half and the standby's "more than half" share a
+  worker, which cannot have
   heard the primary after ``s - fence_after`` and not heard it for ``F`` seconds before
   ``p``; so a promotion at ``p`` comes at least ``F - fence_after = state_interval`` after
   the primary's last acknowledgement without its standby: the primary fences strictly
   first.
-- A write acknowledged without the standby is also **known to be missing from it** by more
-  than half of the witnesses first (they confirmed a ``State`` saying "standby not in sync"
+- A write acknowledged without the standby is also **known to be missing from it** by at
+  least half of the witnesses first (they confirmed a ``State`` saying "standby not in sync"
   with an lsn at least the write's): a standby that later hears such a witness refuses to
   promote itself, so even a partition after the acknowledgement loses nothing.
 - With no witnesses at all the standby never promotes itself, so the primary never fences.
@@ -153,7 +154,7 @@ class Fence:
         live = self.live(now)
         for population in populations:
             seen = len(live & population)
-            if 2 * seen <= len(population):
+            if 2 * seen < len(population):  # (half is enough: the standby needs more)
                 return (
                     f"cannot see the standby or a majority of witnesses: {seen} of "
                     f"{len(population)} workers heard this primary in the last "
@@ -162,12 +163,12 @@ class Fence:
         return None
 
     def covered(self, lsn: int, now: float) -> bool:
-        """Whether more than half of the witnesses know the standby lacks writes up to
+        """Whether at least half of the witnesses know the standby lacks writes up to
         ``lsn`` (they confirmed a ``State`` with ``synced`` False and an lsn >= ``lsn``)."""
         knowing = frozenset(
             w for w, sent in self._confirmed.items() if sent.synced is False and sent.lsn >= lsn
         )
-        return all(2 * len(knowing & p) > len(p) for p in self._populations(now))
+        return all(2 * len(knowing & p) >= len(p) for p in self._populations(now))
 
     # -- bookkeeping --------------------------------------------------------------------------
     def _populations(self, now: float) -> list[frozenset[str]]:

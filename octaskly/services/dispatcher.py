@@ -24,13 +24,15 @@ import psutil
 from octaskly import __version__, errors, keyring
 from octaskly.domain import models, queueing, scheduling
 from octaskly.protocol import messages
-from octaskly.services import auditing, federation, ha, live, metrics, peering, tokens
+from octaskly.services import auditing, federation, fencer, ha, live, metrics, peering, tokens
 from octaskly.store import base as store_base
 
 log = logging.getLogger(__name__)
 SCAN_LIMIT = 64
 KEY_CHECK_SECONDS = 2.0
 STORAGE_RETRY_SECONDS = 2.0
+FENCE_RECHECK_SECONDS = 0.1
+"""How often held-back assignments look whether the fence is down."""
 """How long scheduling pauses after the disk filled up before it tries again."""
 PRUNE_SECONDS = 60.0
 """How often finished tasks past their retention are deleted (and once PRUNE_FIRST_SECONDS
@@ -679,7 +681,8 @@ class Dispatcher:
             # Sync replication: the standby learns of each assignment before any worker
             # starts it, so after a failover no task runs twice.
             await self._mark_running(updates, new_runs)
-            await self.replicated()
+            if not await self._replicated_or_unfenced():
+                return  # (replaced meanwhile: the new primary owns these tasks)
             for worker_id, task, attempt in sends:
                 if self.runs.get(task.id) is not None and self.peers.is_connected(worker_id):
                     self.peers.send_assign(worker_id, task, attempt)
@@ -691,6 +694,23 @@ class Dispatcher:
         # and watchers hear of the change only once a reader would see it.
         for update in updates:
             self.watchers.notify(update.task_id)
+
+    async def _replicated_or_unfenced(self) -> bool:
+        """Wait until this round's running marks may be acted on: replicated, or, fenced
+        meanwhile, until the fence lifts (True) or this node stops being primary (False).
+        The marks stay as they are: the runs are sent once the fence is down."""
+        while True:
+            try:
+                await self.replicated()
+                return True
+            except fencer.FencedError as exc:
+                log.warning("assignments held back: %s", exc)
+            while self.ha.fencer.check() is not None:
+                if self._stepping_down or self.role != "primary":
+                    return False
+                await asyncio.sleep(FENCE_RECHECK_SECONDS)
+            if self._stepping_down or self.role != "primary":
+                return False
 
     async def _claim_and_send(
         self,

@@ -76,15 +76,33 @@ def test_without_the_standby_a_majority_of_witnesses_must_be_live(
         assert "majority of witnesses" in reason
 
 
-def test_two_of_four_is_not_a_majority() -> None:
+@pytest.mark.parametrize(("live", "fenced"), [(1, True), (2, False), (3, False)])
+def test_half_of_the_witnesses_is_enough_the_standby_needs_more(live: int, fenced: bool) -> None:
+    # The standby promotes only when MORE than half lost the primary: with half of them
+    # still hearing it, it cannot, so the primary may go on.
     fence = fence_with(["w1", "w2", "w3", "w4"])
     state(fence, 1, 99.0)
-    fence.confirmed("w1", 1)
-    fence.confirmed("w2", 1)
-    assert fence.reason(100.0, standby_ok=False) == (
-        "cannot see the standby or a majority of witnesses: 2 of 4 workers heard this "
-        "primary in the last 2.25s"
-    )
+    for w in ["w1", "w2", "w3"][:live]:
+        fence.confirmed(w, 1)
+    reason = fence.reason(100.0, standby_ok=False)
+    assert (reason is not None) is fenced, reason
+    if fenced:
+        assert reason == (
+            "cannot see the standby or a majority of witnesses: 1 of 4 workers heard this "
+            "primary in the last 2.25s"
+        )
+
+
+def test_a_population_announced_while_workers_joined_fences_only_without_half() -> None:
+    # w1 and w3 joined first (announced as a population of two), then w2: losing w3 leaves
+    # half of the early set and two of three now, so the primary goes on.
+    fence = fence_with(["w1", "w3"])
+    state(fence, 1, 98.0)
+    fence.joined("w2")
+    state(fence, 2, 99.0)
+    fence.confirmed("w1", 2)
+    fence.confirmed("w2", 2)
+    assert fence.reason(100.0, standby_ok=False) is None
 
 
 def test_a_worker_that_left_counts_for_the_membership_window() -> None:
