@@ -584,8 +584,9 @@ class _Feed:
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
             os.close(fd)
-        if self._transport is not None:
-            self._transport.abort()
+        transport, self._transport = self._transport, None
+        if transport is not None and not transport.is_closing():
+            transport.abort()  # (the shell is gone before reading it all)
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:

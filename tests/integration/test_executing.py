@@ -22,6 +22,7 @@ import psutil
 import pytest
 
 from octaskly import executing
+from octaskly.domain import models
 from octaskly.executing import running
 
 # PID 1 here does not reap orphans, so killed processes linger as zombies and
@@ -262,6 +263,24 @@ async def test_base_env_replaces_the_process_environment(tmp_path: Path) -> None
         tmp_path, 'echo "$HOME $PATH ${OCTASKLY_SECRET_KEY-unset}"', execution={"base_env": base}
     )
     assert result.stdout == "/home/someone /usr/bin:/bin unset\n"
+
+
+@pytest.mark.parametrize("level", [models.SandboxLevel.BASIC, models.SandboxLevel.STRICT])
+async def test_an_environment_larger_than_a_pipe_reaches_the_task_whole(
+    reachable_tmp: Path, level: models.SandboxLevel
+) -> None:
+    # 12 variables of 30 KiB (quotes and $ in them): more than a pipe holds at once, so the
+    # worker writes the rest while the task's shell reads it
+    env = {f"BIG{i}": chr(ord("a") + i) * (30 * 1024) + f"'$end{i}" for i in range(12)}
+    command = (
+        "for i in 0 1 2 3 4 5 6 7 8 9 10 11; do eval \"printf '%s ' \\${#BIG$i}\"; done; "
+        'echo; sh -c \'printf "%s\\n" "$BIG11"\' | tail -c 8'
+    )
+    result = await run(reachable_tmp, command, env=env, sandbox_level=level)
+    assert result.status == "completed", result
+    lengths, tail = result.stdout.split("\n")[:2]
+    assert lengths.split() == [str(30 * 1024 + len(f"'$end{i}")) for i in range(12)], lengths
+    assert tail == "'$end11", result.stdout[-40:]
 
 
 # -- exit statuses --------------------------------------------------------------------------
