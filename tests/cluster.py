@@ -52,6 +52,8 @@ class Cluster:
         secret: bytes = SECRET,
         wait: bool = True,
         transport: p2p_transport.Transport = "auto",
+        sandbox_level: models.SandboxLevel = models.SandboxLevel.BASIC,
+        workdir_root: Path | None = None,
     ) -> working.Worker:
         options = working.Options(
             name=name,
@@ -59,7 +61,8 @@ class Cluster:
             secret_key=secret,
             resources=models.Resources(cpu_cores=cpu, memory_mb=mem, gpu=gpu, labels=labels or {}),
             max_jobs=max_jobs,
-            workdir_root=self.tmp,
+            sandbox_level=sandbox_level,
+            workdir_root=workdir_root or self.tmp,
             connect_timeout=5.0,
             reconnect_max_delay=0.5,
             transport=transport,

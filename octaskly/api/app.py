@@ -122,16 +122,10 @@ def _primary_only(dispatcher: Dispatcher) -> Any:
         if request.method not in ("GET", "HEAD", "OPTIONS") and not request.path.startswith(
             ANY_ROLE_PATHS
         ):
-            fenced = ha.fencer.check()  # (a primary that may have been replaced: no writes)
-            if fenced is not None:
-                where = ha.load_peer()
-                message = f"this dispatcher is {fenced}" + (
-                    f"; the primary may now be the standby at P2P {where}: use its API"
-                    if where
-                    else ""
-                )
+            refusal = ha.fencer.refusal()  # (a primary that may have been replaced: no writes)
+            if refusal is not None:
                 return middleware.error_response(
-                    503, message, headers={"Retry-After": "1", **headers}
+                    503, refusal, headers={"Retry-After": "1", **headers}
                 )
         response = await handler(request)
         if not response.prepared:

@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
+import functools
 import itertools
 import logging
 import os
@@ -69,13 +70,21 @@ class Unavailable(Exception):
     """The containment asked for cannot work on this machine."""
 
 
+class Control(enum.Enum):
+    """How a cgroup is stopped whole: what its hierarchy and kernel offer."""
+
+    KILL = "cgroup.kill"  # v2, Linux 5.14+: one write
+    FREEZE = "cgroup.freeze"  # older v2: frozen, killed process by process, thawed
+    FREEZER = "freezer.state"  # v1 freezer
+    SIGNALS = ""  # v1 pids: killed process by process until none is left
+
+
 class RunGroup:
     """One run's cgroup: add its first process, signal or kill all of it, remove it."""
 
-    def __init__(self, path: Path, *, version: int, freezer: bool) -> None:
+    def __init__(self, path: Path, control: Control) -> None:
         self.path = path
-        self._version = version
-        self._freezer = freezer
+        self._control = control
 
     def add(self, pid: int) -> None:
         """Move ``pid`` (stopped at its gate, so it has no children yet) into the group."""
@@ -96,7 +105,7 @@ class RunGroup:
 
     def kill(self) -> None:
         """SIGKILL every process of the group, also those forking meanwhile."""
-        if self._version == 2 and (self.path / "cgroup.kill").exists():
+        if self._control is Control.KILL:
             with contextlib.suppress(FileNotFoundError):
                 (self.path / "cgroup.kill").write_text("1\n")
             return
@@ -132,16 +141,14 @@ class RunGroup:
             delay = min(delay * 2, 0.1)
 
     def _freeze(self, frozen: bool) -> bool:
-        if self._version == 2:
-            target = self.path / "cgroup.freeze"
+        if self._control is Control.FREEZE:
             value = "1" if frozen else "0"
-        elif self._freezer:
-            target = self.path / "freezer.state"
+        elif self._control is Control.FREEZER:
             value = "FROZEN" if frozen else "THAWED"
         else:
             return False
         try:
-            target.write_text(value + "\n")
+            (self.path / self._control.value).write_text(value + "\n")
         except OSError:
             return False
         return True
@@ -172,12 +179,20 @@ class Containment:
             return "a PID namespace per run (unshare)"
         return "the process group only: a process that calls setsid can outlive its task"
 
+    @functools.cached_property
+    def control(self) -> Control:
+        """How this worker's run cgroups are stopped (looked up once)."""
+        if self.kind is Kind.CGROUP_V1:
+            return Control.FREEZER if self.freezer else Control.SIGNALS
+        assert self.base is not None
+        return Control.KILL if (self.base / "cgroup.kill").exists() else Control.FREEZE
+
     def new_group(self) -> RunGroup:
         """A new, empty cgroup for one run (cgroup kinds only); OSError if it cannot be made."""
         assert self.base is not None
         path = self.base / f"run-{next(self._names)}"
         os.mkdir(path)
-        return RunGroup(path, version=2 if self.kind is Kind.CGROUP_V2 else 1, freezer=self.freezer)
+        return RunGroup(path, self.control)
 
     def wrap(self, argv: Sequence[str]) -> list[str]:
         """``argv`` as this containment starts it."""
@@ -189,9 +204,8 @@ class Containment:
         """Remove the worker's cgroup directory (its runs are gone by now)."""
         if self.base is None:
             return
-        version = 2 if self.kind is Kind.CGROUP_V2 else 1
         for child in _children(self.base):
-            RunGroup(child, version=version, freezer=self.freezer).kill()
+            RunGroup(child, self.control).kill()
             with contextlib.suppress(OSError):
                 os.rmdir(child)
         with contextlib.suppress(OSError):

@@ -108,15 +108,26 @@ class Fencer:
         return self.describe()
 
     def describe(self) -> str | None:
+        """ "fenced since T: reason", or None when not fenced."""
         if self.since is None:
             return None
-        stamp = datetime.datetime.fromtimestamp(self.since, datetime.UTC).isoformat()
-        return f"fenced since {stamp.replace('+00:00', 'Z')}: {self.reason}"
+        return f"fenced since {_rfc3339(self.since)}: {self.reason}"
+
+    def refusal(self) -> str | None:
+        """What a write is answered with while fenced (None: not fenced), naming where the
+        primary may now be."""
+        fenced = self.check()
+        if fenced is None:
+            return None
+        where = self.ha.load_peer()
+        hint = f"; the primary may now be the standby at P2P {where}: use its API" if where else ""
+        return f"this dispatcher is {fenced}{hint}"
 
     def refuse(self) -> None:
         """Raise FencedError if fenced (before a write)."""
-        if self.check() is not None:
-            raise self._error()
+        message = self.refusal()
+        if message is not None:
+            raise FencedError(message, delay=1)
 
     async def acknowledge(self, lsn: int) -> None:
         """Return once a write at `lsn` may be acknowledged; FencedError if it may not.
@@ -163,9 +174,7 @@ class Fencer:
         if self.since is None:
             return None
         return {
-            "since": datetime.datetime.fromtimestamp(self.since, datetime.UTC)
-            .isoformat()
-            .replace("+00:00", "Z"),
+            "since": _rfc3339(self.since),
             "reason": self.reason,
             "fence_after_seconds": self.timing.fence_after,
         }
@@ -179,13 +188,12 @@ class Fencer:
         source = self.ha.source
         return source.sent_lsn if source is not None else 0
 
-    def _error(self) -> FencedError:
-        where = self.ha.load_peer()
-        hint = f"; the primary may now be the standby at P2P {where}" if where else ""
-        return FencedError(f"this dispatcher is {self.describe()}{hint}: use its API", delay=1)
-
     def _lifted(self) -> str:
         now = time.monotonic()
         if self._standby_ok() and self.fence.standby_live(now):
             return "the standby is back"
         return f"{len(self.fence.live(now))} witnesses hear this primary again"
+
+
+def _rfc3339(stamp: float) -> str:
+    return datetime.datetime.fromtimestamp(stamp, datetime.UTC).isoformat().replace("+00:00", "Z")

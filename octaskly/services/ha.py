@@ -316,17 +316,20 @@ class HA:
         the largest the primary announced to a fresh witness, or the fresh ones if more.
         The primary fences before such a majority can form (domain.fencing).
         """
-        now = time.monotonic()
-        fresh = [w.report for w in self.witnesses.values() if now - w.received <= WITNESS_FRESH]
+        fresh = self._fresh_reports()
         timing = self.fencer.timing
         lost = sum(1 for r in fresh if timing.failover_timeout <= r.silent_for <= timing.membership)
         population = max([len(fresh), *(r.population for r in fresh)])
         return lost, population
 
+    def _fresh_reports(self) -> list[messages.Witness]:
+        """The witness reports younger than WITNESS_FRESH."""
+        now = time.monotonic()
+        return [w.report for w in self.witnesses.values() if now - w.received <= WITNESS_FRESH]
+
     def witness_view(self) -> tuple[int, int, int]:
         """(fresh witnesses, how many still reach the primary, how many say we are stale)"""
-        now = time.monotonic()
-        fresh = [w.report for w in self.witnesses.values() if now - w.received <= WITNESS_FRESH]
+        fresh = self._fresh_reports()
         timeout = self.options.failover_timeout
         reach = sum(1 for r in fresh if r.reachable and r.silent_for < timeout)
         lsn = self.store.position.lsn

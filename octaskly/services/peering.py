@@ -370,7 +370,6 @@ class Peers:
         self.sessions[session.id] = session
         self._d.ha.fencer.joined(session.id, heard_at=challenged)
         await conn.send(messages.to_wire(self._welcome(conn, hello, nonce, key, abort=abort)))
-        self.broadcast()  # (its first State, so it counts as a live witness at once)
         self._d.audit.record(
             "worker_joined",
             action="join",

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -25,16 +26,22 @@ def bench(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def written(tmp_path: Path, done: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    """The results of a run that exited 0 with no scenario in error (the one JSON file)."""
+    assert done.returncode == 0, done.stdout + done.stderr
+    (path,) = tmp_path.glob("*.json")
+    results: dict[str, Any] = json.loads(path.read_text())
+    assert results["errors"] == {}
+    return results
+
+
 def test_a_small_run_measures_every_cluster_scenario(tmp_path: Path) -> None:
     done = bench(
         tmp_path,
         *("--tasks", "300", "--spawns", "200", "--scenarios", "limit,batch,single,ha,scale"),
         *("--scale-depths", "1000,3000", "--scale-window", "1000"),
     )
-    assert done.returncode == 0, done.stdout + done.stderr
-    (written,) = tmp_path.glob("*.json")
-    results = json.loads(written.read_text())
-    assert results["errors"] == {}
+    results = written(tmp_path, done)
     assert results["limit"]["per_second"] > 0
     for scenario in ("batch", "single"):
         assert results[scenario]["tasks_per_second"] > 0
@@ -83,10 +90,7 @@ def test_isolation_measures_the_base_commit_and_this_tree_in_one_run(tmp_path: P
         tmp_path,
         *("--scenarios", "isolation", "--isolation-tasks", "160", "--isolation-repeats", "2"),
     )
-    assert done.returncode == 0, done.stdout + done.stderr
-    (written,) = tmp_path.glob("*.json")
-    results = json.loads(written.read_text())
-    assert results["errors"] == {}
+    results = written(tmp_path, done)
     isolation = results["isolation"]
     variants = isolation["variants"]
     assert isolation["tasks_per_run"] == 80 and isolation["strict_tasks_per_run"] == 20
@@ -123,10 +127,7 @@ def test_isolation_measures_the_base_commit_and_this_tree_in_one_run(tmp_path: P
 
 def test_federation_compares_sqlite_with_1_2_3_dispatchers_on_postgresql(tmp_path: Path) -> None:
     done = bench(tmp_path, "--tasks", "600", "--scenarios", "federation")
-    assert done.returncode == 0, done.stdout + done.stderr
-    (written,) = tmp_path.glob("*.json")
-    results = json.loads(written.read_text())
-    assert results["errors"] == {}
+    results = written(tmp_path, done)
     federation = results["federation"]
     configs = federation["configs"]
     assert list(configs) == ["sqlite-1", "pg-1", "pg-2", "pg-3"]

@@ -10,7 +10,6 @@ sandbox user cannot reach them, so its start-up probe of `strict` (a real bwrap 
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -19,8 +18,7 @@ from typing import Any
 import pytest
 
 from octaskly.domain import models
-from octaskly.services import worker as working
-from tests.cluster import SECRET, Cluster, running_cluster, until
+from tests.cluster import Cluster, running_cluster, until
 
 Level = models.SandboxLevel
 # in a PID namespace a task sees its own few processes; on the host, every process there is
@@ -55,23 +53,6 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
         yield c
 
 
-async def add_worker(cluster: Cluster, name: str, root: Path) -> working.Worker:
-    options = working.Options(
-        name=name,
-        dispatcher_addrs=(("127.0.0.1", cluster.p2p.port),),
-        secret_key=SECRET,
-        resources=models.Resources(cpu_cores=4, memory_mb=4096),
-        max_jobs=2,
-        workdir_root=root,
-        connect_timeout=5.0,
-        reconnect_max_delay=0.5,
-    )
-    worker = working.Worker(options=options)
-    cluster.workers[name] = (worker, asyncio.create_task(worker.run(), name=f"worker-{name}"))
-    await until(lambda: name in cluster.dispatcher.peers.sessions, what=f"{name} joins")
-    return worker
-
-
 async def bearer(cluster: Cluster, role: str, subject: str = "someone") -> dict[str, str]:
     value, _ = await cluster.dispatcher.tokens.issue(subject=subject, role=role, ttl=600)
     return {"Authorization": f"Bearer {value}"}
@@ -102,7 +83,7 @@ async def finished(
 async def test_a_client_task_is_stored_strict_and_runs_sandboxed(
     cluster: Cluster, reachable: Path
 ) -> None:
-    await add_worker(cluster, "w1", reachable)  # its own minimum: basic (the default)
+    await cluster.add_worker("w1", workdir_root=reachable)  # its own minimum: basic (the default)
     client, admin = await bearer(cluster, "client", "carol"), await bearer(cluster, "admin")
     task_id = await submit(cluster, client, command=PROCESSES)
     assert (await record(cluster, task_id, client))["sandbox_level"] == "strict"
@@ -121,7 +102,7 @@ async def test_a_client_task_is_stored_strict_and_runs_sandboxed(
 async def test_a_client_may_not_ask_for_less_and_an_admin_may(
     cluster: Cluster, reachable: Path
 ) -> None:
-    await add_worker(cluster, "w1", reachable)
+    await cluster.add_worker("w1", workdir_root=reachable)
     client, admin = await bearer(cluster, "client"), await bearer(cluster, "admin")
     for level in ("basic", "none"):
         status, body = await cluster.api(
@@ -192,7 +173,7 @@ async def test_without_authentication_every_caller_is_admin_and_unrestricted(
 async def test_a_worker_that_cannot_sandbox_gets_no_client_task_until_one_that_can_joins(
     cluster: Cluster, reachable: Path, unreachable: Path
 ) -> None:
-    weak = await add_worker(cluster, "w1", unreachable)
+    weak = await cluster.add_worker("w1", workdir_root=unreachable)
     client, admin = await bearer(cluster, "client"), await bearer(cluster, "admin")
     # the worker says which levels it provides, and why not the others
     status, listed = await cluster.api("GET", "/api/v1/workers", headers=admin)
@@ -219,7 +200,7 @@ async def test_a_worker_that_cannot_sandbox_gets_no_client_task_until_one_that_c
     assert why in waiting["waiting_reason"]
     assert weak.completed == 1  # the admin's task only: the client's never reached it
 
-    await add_worker(cluster, "w2", reachable)
+    await cluster.add_worker("w2", workdir_root=reachable)
     done = await finished(cluster, task_id, client)
     assert (done["status"], done["worker_id"], done["attempts"]) == ("completed", "w2", 1), done
     assert int(done["stdout"]) < 10

@@ -542,27 +542,10 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
         yield c
 
 
-async def add_worker(cluster: Cluster, name: str, level: Level, root: Path) -> None:
-    options = working.Options(
-        name=name,
-        dispatcher_addrs=(("127.0.0.1", cluster.p2p.port),),
-        secret_key=SECRET,
-        resources=models.Resources(cpu_cores=4, memory_mb=4096),
-        max_jobs=2,
-        sandbox_level=level,
-        workdir_root=root,
-        connect_timeout=5.0,
-        reconnect_max_delay=0.5,
-    )
-    worker = working.Worker(options=options)
-    cluster.workers[name] = (worker, asyncio.create_task(worker.run(), name=f"worker-{name}"))
-    await until(lambda: name in cluster.dispatcher.peers.sessions, what=f"{name} joins")
-
-
 async def test_a_task_gets_the_stricter_of_its_level_and_the_workers(
     cluster: Cluster, root: Path
 ) -> None:
-    await add_worker(cluster, "strict-worker", Level.STRICT, root)
+    await cluster.add_worker("strict-worker", sandbox_level=Level.STRICT, workdir_root=root)
     looser = await cluster.submit(
         command="id -u; printenv PATH || echo no-path", sandbox_level="none"
     )
@@ -579,7 +562,7 @@ async def test_a_task_gets_the_stricter_of_its_level_and_the_workers(
 async def test_limits_and_presets_go_from_the_api_to_the_sandbox(
     cluster: Cluster, root: Path
 ) -> None:
-    await add_worker(cluster, "w1", Level.BASIC, root)
+    await cluster.add_worker("w1", sandbox_level=Level.BASIC, workdir_root=root)
     bomb = await cluster.submit(
         command="bomb() { bomb | bomb & }; while :; do bomb; done",
         sandbox_level="strict",

@@ -10,6 +10,7 @@ from octaskly import errors
 from octaskly.domain import models
 from octaskly.protocol import messages
 from octaskly.services import peering
+from tests.unit.test_protocol import hello_frame
 
 Level = models.SandboxLevel
 NONE, BASIC, STRICT, VERY = Level.NONE, Level.BASIC, Level.STRICT, Level.VERY_STRICT
@@ -48,32 +49,15 @@ def test_a_spec_asking_for_less_than_the_minimum_is_refused(
         spec.with_min_sandbox_level(minimum)
 
 
-def _hello(**overrides: object) -> dict[str, object]:
-    base: dict[str, object] = {
-        "type": "hello",
-        "protocol": messages.PROTOCOL_VERSION,
-        "name": "w1",
-        "instance": "a" * 32,
-        "nonce": "b" * 32,
-        "proof": "c" * 64,
-        "version": "1",
-        "max_jobs": 2,
-        "sandbox_level": "basic",
-        "resources": {"cpu_cores": 2, "memory_mb": 1024},
-    }
-    base.update(overrides)
-    return base
-
-
 def test_the_sandbox_report_travels_in_the_hello() -> None:
     hello = messages.Hello.model_validate(
-        _hello(sandbox_unavailable={"very-strict": "no network namespace"})
+        hello_frame(sandbox_unavailable={"very-strict": "no network namespace"})
     )
     assert hello.sandbox_unavailable == {VERY: "no network namespace"}
     wire = messages.to_wire(hello)
     assert wire["sandbox_unavailable"] == {"very-strict": "no network namespace"}
     assert messages.parse_worker_message(wire) == hello
-    assert messages.Hello.model_validate(_hello()).sandbox_unavailable is None
+    assert messages.Hello.model_validate(hello_frame()).sandbox_unavailable is None
 
 
 @pytest.mark.parametrize(
@@ -89,7 +73,7 @@ def test_the_sandbox_report_travels_in_the_hello() -> None:
 )
 def test_a_bad_sandbox_report_is_a_protocol_error(report: object) -> None:
     with pytest.raises(errors.ProtocolError, match="sandbox_unavailable"):
-        messages.parse_worker_message(_hello(sandbox_unavailable=report))
+        messages.parse_worker_message(hello_frame(sandbox_unavailable=report))
 
 
 @pytest.mark.parametrize(
@@ -113,7 +97,9 @@ def test_what_the_dispatcher_makes_of_a_report(
     available: list[models.SandboxLevel],
     unavailable: list[models.SandboxLevel],
 ) -> None:
-    hello = messages.Hello.model_validate(_hello(sandbox_level=level, sandbox_unavailable=report))
+    hello = messages.Hello.model_validate(
+        hello_frame(sandbox_level=level, sandbox_unavailable=report)
+    )
     boxes = peering.sandboxes(hello)
     assert boxes.available() == available
     assert sorted(boxes.unavailable, key=lambda lv: lv.rank) == list(unavailable)

@@ -82,7 +82,8 @@ def test_trust_lifts_the_handshake_limits() -> None:
     assert budget.used == 0
 
 
-def _hello(**overrides: object) -> dict[str, object]:
+def hello_frame(**overrides: object) -> dict[str, object]:
+    """A valid worker hello as it arrives (a dict), with `overrides`."""
     base: dict[str, object] = {
         "type": "hello",
         "protocol": messages.PROTOCOL_VERSION,
@@ -103,10 +104,10 @@ def _hello(**overrides: object) -> dict[str, object]:
     ("raw", "complaint"),
     [
         ({"type": "nonsense"}, "invalid"),
-        (_hello(max_jobs=0), "max_jobs"),
-        (_hello(name="../../etc"), "name"),
-        (_hello(extra=1), "extra"),
-        (_hello(resources={"cpu_cores": -1, "memory_mb": 1}), "cpu_cores"),
+        (hello_frame(max_jobs=0), "max_jobs"),
+        (hello_frame(name="../../etc"), "name"),
+        (hello_frame(extra=1), "extra"),
+        (hello_frame(resources={"cpu_cores": -1, "memory_mb": 1}), "cpu_cores"),
         (
             {
                 "type": "result",
@@ -141,7 +142,7 @@ def test_worker_cannot_send_dispatcher_messages() -> None:
 
 
 def test_valid_hello_parses() -> None:
-    hello = messages.parse_worker_message(_hello())
+    hello = messages.parse_worker_message(hello_frame())
     assert isinstance(hello, messages.Hello) and hello.name == "w1"
 
 
