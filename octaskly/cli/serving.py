@@ -557,13 +557,11 @@ def resolve_task_user(name: str | None) -> tuple[int, int] | None:
         with contextlib.suppress(KeyError):
             entry = pwd.getpwnam("nobody")
         if entry is None:
-            return SANDBOX_IDS
-    if entry is None:  # a uid without a passwd entry
-        return int(name or 0), int(name or 0)
+            return executing.sandboxing.SANDBOX_UID, executing.sandboxing.SANDBOX_GID
+    if entry is None:  # a uid without a passwd entry (name is its digits)
+        uid = int(name or "0")
+        return uid, uid
     return entry.pw_uid, entry.pw_gid
-
-
-SANDBOX_IDS = (65534, 65534)
 
 
 async def find_dispatchers(

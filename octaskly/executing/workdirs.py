@@ -23,7 +23,6 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 PREFIX = "octaskly-run-"
-_SANDBOX_UID = 65534  # (sandboxing.SANDBOX_UID: the user sandboxed tasks of a root worker run as)
 
 
 class Workdirs:
@@ -37,10 +36,8 @@ class Workdirs:
         self.root = Path(os.path.abspath(root))
         self.keep = keep
         self._free: list[Path] = []
-        # A root worker hands workdirs to the user its tasks run as (nobody by default).
+        # A root worker hands workdirs to the users its tasks run as (nobody by default).
         self._owners = {os.geteuid(), *owners}
-        if os.geteuid() == 0:
-            self._owners.add(_SANDBOX_UID)
 
     def acquire(self) -> Path:
         """An empty private directory for one run; OSError if none can be made."""

@@ -191,7 +191,10 @@ class Worker:
         self._workdirs = executing.Workdirs(
             options.workdir_root,
             keep=options.max_jobs,
-            owners=tuple({options.task_user[0]} if options.task_user else ()),
+            owners=(
+                *([options.task_user[0]] if options.task_user else []),
+                *([executing.sandboxing.SANDBOX_UID] if os.geteuid() == 0 else []),
+            ),
         )
         contain = options.containment
         if isinstance(contain, str):
